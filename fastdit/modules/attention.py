@@ -1,0 +1,83 @@
+"""JointAttention: per-stream QKV/output projections, optional QK-norm and RoPE, one joint attention."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from torch import Tensor, nn
+
+from fastdit.modules.norms import RMSNorm
+from fastdit.ops.attention import joint_attention
+from fastdit.ops.rotary import rope
+
+
+class JointAttention(nn.Module):
+    """Multi-head attention over image tokens and, when ``joint=True``, caption tokens too (MMDiT).
+
+    Each stream has its own QKV and output projections (and QK-norm weights); queries of both streams
+    attend over the keys of both. With ``joint=False`` it is DiT's (timm's) self-attention, with the
+    same state-dict keys: ``qkv``, ``proj`` (+ ``q_norm.weight``, ``k_norm.weight`` with ``qk_norm``);
+    the text stream adds ``txt_qkv``, ``txt_proj`` (+ ``txt_q_norm``, ``txt_k_norm``).
+
+    ``forward(x, context=None, txt_mask=None, img_freqs=None, txt_freqs=None)``:
+    x: (B, N_img, dim); context: (B, N_txt, dim) caption tokens (already at model width);
+    txt_mask: bool (B, N_txt) or lengths (B,) of real caption tokens; img_freqs / txt_freqs: RoPE
+    tables for each stream ((N, head_dim/2, 2), see :class:`RotaryEmbedding`), None = no rotation.
+    Returns ``(x_out, context_out)``; context_out is None without a text stream.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, joint: bool = False, qkv_bias: bool = True,
+                 qk_norm: bool = False, rope_interleaved: bool = True, eps: float = 1e-6,
+                 backend: Optional[str] = None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"JointAttention: dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.joint, self.qk_norm, self.rope_interleaved, self.backend = joint, qk_norm, rope_interleaved, backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps, backend)
+            self.k_norm = RMSNorm(self.head_dim, eps, backend)
+        if joint:
+            self.txt_qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+            self.txt_proj = nn.Linear(dim, dim)
+            if qk_norm:
+                self.txt_q_norm = RMSNorm(self.head_dim, eps, backend)
+                self.txt_k_norm = RMSNorm(self.head_dim, eps, backend)
+
+    def _qkv(self, x: Tensor, qkv: nn.Linear, q_norm: Optional[RMSNorm], k_norm: Optional[RMSNorm],
+             freqs: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+        B, N, _ = x.shape
+        # Feature order of the projection is (3, heads, head_dim), as in DiT/timm and Flux.
+        q, k, v = qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # (B, N, H, d) views
+        if q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
+        if freqs is not None:
+            q = rope(q, freqs, self.rope_interleaved, backend=self.backend)
+            k = rope(k, freqs, self.rope_interleaved, backend=self.backend)
+        return q, k, v
+
+    def forward(self, x: Tensor, context: Optional[Tensor] = None, txt_mask: Optional[Tensor] = None,
+                img_freqs: Optional[Tensor] = None, txt_freqs: Optional[Tensor] = None
+                ) -> Tuple[Tensor, Optional[Tensor]]:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"JointAttention: x must be (B, N, {self.dim}), got {tuple(x.shape)}")
+        if context is not None and not self.joint:
+            raise ValueError("JointAttention: context given, but the module was built with joint=False "
+                             "(no text-stream weights)")
+        q, k, v = self._qkv(x, self.qkv, getattr(self, "q_norm", None), getattr(self, "k_norm", None), img_freqs)
+        qt = kt = vt = None
+        if context is not None:
+            if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != self.dim:
+                raise ValueError(f"JointAttention: context must be (B, N_txt, {self.dim}) with B = {x.shape[0]}, "
+                                 f"got {tuple(context.shape)}")
+            qt, kt, vt = self._qkv(context, self.txt_qkv, getattr(self, "txt_q_norm", None),
+                                   getattr(self, "txt_k_norm", None), txt_freqs)
+        o_img, o_txt = joint_attention(q, k, v, qt, kt, vt, txt_mask, backend=self.backend)
+        x_out = self.proj(o_img.reshape(x.shape))
+        c_out = None if o_txt is None else self.txt_proj(o_txt.reshape(context.shape))
+        return x_out, c_out
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, joint={self.joint}, qk_norm={self.qk_norm}, "
+                f"backend={self.backend!r}")

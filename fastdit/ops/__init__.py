@@ -1,0 +1,20 @@
+"""Functional ops with a backend switch, and their reference implementations.
+
+Every op comes in layers (design.md §3): ``<op>_ref`` (pure PyTorch, the ground truth, same
+signature) · ``torch.ops.fastdit.<op>`` (a ``torch.library`` op with a fake impl and autograd, which
+torch.compile traces without a graph break) · ``<op>(…, backend=None)`` (the entry point that picks).
+"""
+from fastdit.ops.adaln import adaln_modulate, adaln_modulate_backward_ref, adaln_modulate_ref
+from fastdit.ops.attention import joint_attention, joint_attention_ref, joint_attention_sdpa
+from fastdit.ops.gated_adaln import (gated_residual_adaln, gated_residual_adaln_backward_ref,
+                                     gated_residual_adaln_ref)
+from fastdit.ops.rmsnorm import rms_norm, rms_norm_backward_ref, rms_norm_ref
+from fastdit.ops.rotary import rope, rope_freqs, rope_freqs_1d, rope_freqs_2d, rope_ref
+
+__all__ = [
+    "adaln_modulate", "adaln_modulate_ref", "adaln_modulate_backward_ref",
+    "gated_residual_adaln", "gated_residual_adaln_ref", "gated_residual_adaln_backward_ref",
+    "rms_norm", "rms_norm_ref", "rms_norm_backward_ref",
+    "rope", "rope_ref", "rope_freqs", "rope_freqs_1d", "rope_freqs_2d",
+    "joint_attention", "joint_attention_ref", "joint_attention_sdpa",
+]

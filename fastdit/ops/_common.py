@@ -1,0 +1,110 @@
+"""Helpers shared by the ops: input checks with readable errors, compute dtypes, backend choice."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Callable, Optional
+
+import torch
+
+from fastdit.backend import resolve_backend
+
+# Dtypes the Triton kernels are written for. Everything else (float64, integer…) runs on the reference.
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def fail(op: str, message: str) -> None:
+    raise ValueError(f"fastdit.ops.{op}: {message}")
+
+
+def check(condition: bool, op: str, message: str) -> None:
+    if not condition:
+        fail(op, message)
+
+
+def shape_str(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_floating(op: str, **tensors: Optional[torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        check(isinstance(t, torch.Tensor), op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check(t.is_floating_point(), op, f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def check_same_device(op: str, **tensors: Optional[torch.Tensor]) -> None:
+    present = {name: t for name, t in tensors.items() if t is not None}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{name} on {t.device}" for name, t in present.items())
+        fail(op, f"all tensors must be on one device, got {listing}")
+
+
+def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """float32, or float64 when an input is float64: references compute in at least float32."""
+    dtype = torch.float32
+    for t in tensors:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_device_reason(*tensors: Optional[torch.Tensor]) -> Optional[str]:
+    """Why a Triton kernel cannot run on these tensors' device, or None."""
+    if not _HAS_TRITON:
+        return "triton is not installed"
+    device = next(t.device for t in tensors if t is not None)
+    if device.type == "cuda" or (device.type == "cpu" and triton_interpreter_on()):
+        return None
+    return f"tensors are on {device}; Triton kernels run on CUDA (or on CPU with TRITON_INTERPRET=1)"
+
+
+def triton_dtype_reason(**tensors: Optional[torch.Tensor]) -> Optional[str]:
+    for name, t in tensors.items():
+        if t is not None and t.dtype not in TRITON_DTYPES:
+            return f"{name} has dtype {t.dtype}; the Triton kernels take float16, bfloat16 and float32"
+    return None
+
+
+def use_triton(op: str, backend: Optional[str], unsupported_reason: Callable[[], Optional[str]],
+               kernel_ready: bool) -> bool:
+    """Decide between the ``torch.library`` op (Triton) and the reference for one call.
+
+    ``unsupported_reason`` returns why the Triton kernel cannot take these inputs (or None);
+    ``kernel_ready`` says whether a Triton kernel exists for the op on this device. Under ``"auto"``
+    the library op is used only when both allow it; ``"triton"`` raises on unsupported inputs.
+    """
+    chosen = resolve_backend(backend)
+    if chosen == "reference":
+        return False
+    reason = unsupported_reason()
+    if chosen == "triton":
+        if reason is not None:
+            fail(op, f"backend='triton' cannot run these inputs: {reason}")
+        return True
+    return kernel_ready and reason is None
+
+
+def owned_outputs(outputs, inputs):
+    """Contiguous outputs that share memory with no input and no other output.
+
+    A ``torch.library`` op may not return an input or a view of one (nor two views of one buffer);
+    reference math can (an identity cast, a pass-through gradient, slices of one concatenation).
+    """
+    seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor) and t.numel()}
+    result = []
+    for t in outputs:
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() == 0 or ptr in seen or not t.is_contiguous():
+            t = t.clone(memory_format=torch.contiguous_format)
+        seen.add(t.untyped_storage().data_ptr())
+        result.append(t)
+    return tuple(result)

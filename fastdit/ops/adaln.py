@@ -1,0 +1,177 @@
+"""AdaLN modulation: LayerNorm without affine, then per-sample (or per-token) scale and shift.
+
+    y = LN(x) * (1 + scale) + shift          LN(x) = (x - mean(x)) / sqrt(var(x) + eps)
+
+Shapes: ``x: (B, N, D)``; ``shift, scale: (B, D)`` (per sample, broadcast over the N tokens) or
+``(B, N, D)`` (per token), both the same shape. ``x`` in float32/bfloat16/float16; ``shift``/``scale``
+in the same dtype or float32 (bf16 activations with fp32 modulation is the common DiT case).
+The output has ``x``'s dtype; the math runs in float32 (float64 for float64 inputs).
+
+Layers (see design.md §3): ``adaln_modulate_ref`` (ground truth, same signature as the fast op) ·
+``torch.ops.fastdit.adaln_modulate`` (library op with autograd and a fake impl) ·
+``adaln_modulate`` (functional entry with the backend switch).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastdit.ops._common import (check, check_floating, check_same_device, compute_dtype, owned_outputs,
+                                 shape_str, triton_device_reason, triton_dtype_reason, use_triton)
+
+# Set once a Triton kernel backs the library op on CUDA; until then "auto" picks the reference.
+KERNEL_READY = False
+# Largest feature size the Triton kernel is specified for (one row per program).
+MAX_TRITON_D = 16384
+
+
+def check_modulation_inputs(op: str, x: Tensor, **modulation: Tensor) -> None:
+    """x is (B, N, D); every modulation tensor is (B, D) or (B, N, D), all the same shape."""
+    check_floating(op, x=x, **modulation)
+    check_same_device(op, x=x, **modulation)
+    check(x.dim() == 3, op, f"x must be 3-D (B, N, D), got shape {shape_str(x)}")
+    B, N, D = x.shape
+    check(D > 0, op, "x has an empty feature dimension (D = 0)")
+    shapes = {name: tuple(t.shape) for name, t in modulation.items()}
+    first_name, first = next(iter(shapes.items()))
+    for name, t in modulation.items():
+        check(tuple(t.shape) in ((B, D), (B, N, D)), op,
+              f"{name} must be (B, D) = ({B}, {D}) or (B, N, D) = ({B}, {N}, {D}) to match x, got {shape_str(t)}")
+        check(tuple(t.shape) == first, op,
+              f"{name} has shape {shape_str(t)} but {first_name} has {tuple(first)}: use one form for all")
+        check(t.dtype in (x.dtype, torch.float32, torch.float64), op,
+              f"{name} must have x's dtype ({x.dtype}) or float32, got {t.dtype}")
+
+
+def per_token(m: Tensor) -> Tensor:
+    """(B, D) -> (B, 1, D) so it broadcasts over tokens; (B, N, D) unchanged."""
+    return m.unsqueeze(1) if m.dim() == 2 else m
+
+
+def reduce_to(grad: Tensor, like: Tensor) -> Tensor:
+    """Sum a per-token gradient (B, N, D) over tokens when the parameter was per sample (B, D)."""
+    return grad.sum(1) if like.dim() == 2 else grad
+
+
+def layer_norm_stats(xf: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """mean and 1/sqrt(var + eps) over the last dim (biased variance, as LayerNorm)."""
+    mean = xf.mean(-1)
+    var = (xf - mean.unsqueeze(-1)).square().mean(-1)
+    return mean, torch.rsqrt(var + eps)
+
+
+def adaln_modulate_ref(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
+    """Reference: ``LN(x) * (1 + scale) + shift`` in float32 math, returned in ``x.dtype``.
+
+    x: (B, N, D); shift, scale: (B, D) or (B, N, D). Differentiable through ordinary autograd.
+    """
+    check_modulation_inputs("adaln_modulate", x, shift=shift, scale=scale)
+    return _adaln_forward_math(x, shift, scale, eps)[0]
+
+
+def _adaln_forward_math(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd); mean/rstd are (B, N) in the compute dtype."""
+    acc = compute_dtype(x, shift, scale)
+    xf = x.to(acc)
+    mean, rstd = layer_norm_stats(xf, eps)
+    xhat = (xf - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+    y = xhat * (1 + per_token(scale).to(acc)) + per_token(shift).to(acc)
+    return y.to(x.dtype), mean, rstd
+
+
+def layer_norm_modulate_backward_math(dy: Tensor, xf: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor
+                                      ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``LN(x) * (1 + scale) + shift`` as full (B, N, D) tensors in the compute dtype.
+
+    Returns (dx, dshift_per_token, dscale_per_token); reduce the last two with :func:`reduce_to`.
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dy * (1 + scale).
+    """
+    acc = xf.dtype
+    dy = dy.to(acc)
+    xhat = (xf - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+    g = dy * (1 + per_token(scale).to(acc))
+    dx = rstd.unsqueeze(-1) * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    return dx, dy, dy * xhat
+
+
+def adaln_modulate_backward_ref(dy: Tensor, x: Tensor, shift: Tensor, scale: Tensor, mean: Tensor,
+                                rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Reference backward: (dx, dshift, dscale) in the dtypes of (x, shift, scale).
+
+    Per-sample dshift/dscale are sums over tokens, accumulated in float32.
+    """
+    xf = x.to(mean.dtype)
+    dx, dshift, dscale = layer_norm_modulate_backward_math(dy, xf, scale, mean, rstd)
+    return dx.to(x.dtype), reduce_to(dshift, shift).to(shift.dtype), reduce_to(dscale, scale).to(scale.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library op: opaque to torch.compile (no graph break), autograd through a backward op.
+# The implementation is the reference math until the Triton kernel lands (fastdit.kernels).
+
+
+@torch.library.custom_op("fastdit::adaln_modulate", mutates_args=())
+def _adaln_modulate_op(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    return owned_outputs(_adaln_forward_math(x, shift, scale, eps), (x, shift, scale))
+
+
+@_adaln_modulate_op.register_fake
+def _(x, shift, scale, eps):
+    acc = compute_dtype(x, shift, scale)
+    B, N, _ = x.shape
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((B, N), dtype=acc), \
+        x.new_empty((B, N), dtype=acc)
+
+
+@torch.library.custom_op("fastdit::adaln_modulate_backward", mutates_args=())
+def _adaln_modulate_backward_op(dy: Tensor, x: Tensor, shift: Tensor, scale: Tensor, mean: Tensor,
+                                rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    return owned_outputs(adaln_modulate_backward_ref(dy, x, shift, scale, mean, rstd),
+                         (dy, x, shift, scale, mean, rstd))
+
+
+@_adaln_modulate_backward_op.register_fake
+def _(dy, x, shift, scale, mean, rstd):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(shift, memory_format=torch.contiguous_format),
+            torch.empty_like(scale, memory_format=torch.contiguous_format))
+
+
+def _adaln_setup_context(ctx, inputs, output):
+    x, shift, scale, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, shift, scale, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _adaln_backward(ctx, dy, _dmean, _drstd):
+    x, shift, scale, mean, rstd = ctx.saved_tensors
+    dx, dshift, dscale = torch.ops.fastdit.adaln_modulate_backward(dy, x, shift, scale, mean, rstd)
+    return dx, dshift, dscale, None
+
+
+_adaln_modulate_op.register_autograd(_adaln_backward, setup_context=_adaln_setup_context)
+
+
+def triton_unsupported_reason(x: Tensor, shift: Tensor, scale: Tensor) -> Optional[str]:
+    """Why the Triton kernel cannot take these (already validated) inputs, or None."""
+    reason = triton_device_reason(x) or triton_dtype_reason(x=x, shift=shift, scale=scale)
+    if reason is None and x.shape[-1] > MAX_TRITON_D:
+        reason = f"D = {x.shape[-1]} is larger than the kernel's limit of {MAX_TRITON_D}"
+    return reason
+
+
+def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6, *,
+                   backend: Optional[str] = None) -> Tensor:
+    """``LN(x) * (1 + scale) + shift``; x: (B, N, D), shift/scale: (B, D) or (B, N, D).
+
+    ``backend``: ``"auto" | "triton" | "reference"`` or None for the global default
+    (see :mod:`fastdit.backend`).
+    """
+    check_modulation_inputs("adaln_modulate", x, shift=shift, scale=scale)
+    if use_triton("adaln_modulate", backend, lambda: triton_unsupported_reason(x, shift, scale),
+                  KERNEL_READY and x.is_cuda):
+        return torch.ops.fastdit.adaln_modulate(x, shift, scale, eps)[0]
+    return _adaln_forward_math(x, shift, scale, eps)[0]

@@ -1,0 +1,109 @@
+"""RMSNorm over the last dimension with a learned scale: the per-head QK-norm of SD3.5/Flux.
+
+    y = x / sqrt(mean(x^2) + eps) * weight
+
+Shapes: ``x: (..., d)`` (typically (B, N, H, head_dim)); ``weight: (d,)``, in x's dtype or float32.
+Output in x's dtype; math in float32 (float64 for float64 inputs). Same result as ``torch.nn.RMSNorm``
+up to its lower-precision arithmetic on half inputs.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastdit.ops._common import (check, check_floating, check_same_device, compute_dtype, owned_outputs,
+                                 shape_str, triton_device_reason, triton_dtype_reason, use_triton)
+
+KERNEL_READY = False  # see fastdit.ops.adaln.KERNEL_READY
+MAX_TRITON_D = 16384
+_OP = "rms_norm"
+
+
+def _check_inputs(x: Tensor, weight: Tensor) -> None:
+    check_floating(_OP, x=x, weight=weight)
+    check_same_device(_OP, x=x, weight=weight)
+    check(x.dim() >= 1 and x.shape[-1] > 0, _OP, f"x needs a non-empty last dimension, got shape {shape_str(x)}")
+    check(weight.dim() == 1 and weight.shape[0] == x.shape[-1], _OP,
+          f"weight must be 1-D with x's last dimension ({x.shape[-1]}), got {shape_str(weight)}")
+    check(weight.dtype in (x.dtype, torch.float32, torch.float64), _OP,
+          f"weight must have x's dtype ({x.dtype}) or float32, got {weight.dtype}")
+
+
+def _forward_math(x: Tensor, weight: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    acc = compute_dtype(x, weight)
+    xf = x.to(acc)
+    rstd = torch.rsqrt(xf.square().mean(-1) + eps)
+    return (xf * rstd.unsqueeze(-1) * weight.to(acc)).to(x.dtype), rstd
+
+
+def rms_norm_ref(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """Reference RMSNorm of the last dim: ``x * rsqrt(mean(x^2) + eps) * weight``."""
+    _check_inputs(x, weight)
+    return _forward_math(x, weight, eps)[0]
+
+
+def rms_norm_backward_ref(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> Tuple[Tensor, Tensor]:
+    """Reference backward: (dx, dweight); dweight sums over every row in float32.
+
+    dx = rstd * (g - xhat * mean(g * xhat)),  g = dy * weight,  xhat = x * rstd.
+    """
+    acc = rstd.dtype
+    xhat = x.to(acc) * rstd.unsqueeze(-1)
+    dyf = dy.to(acc)
+    g = dyf * weight.to(acc)
+    dx = rstd.unsqueeze(-1) * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+    dweight = (dyf * xhat).reshape(-1, x.shape[-1]).sum(0)
+    return dx.to(x.dtype), dweight.to(weight.dtype)
+
+
+@torch.library.custom_op("fastdit::rms_norm", mutates_args=())
+def _rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    return owned_outputs(_forward_math(x, weight, eps), (x, weight))
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(x.shape[:-1], dtype=compute_dtype(x, weight)))
+
+
+@torch.library.custom_op("fastdit::rms_norm_backward", mutates_args=())
+def _rms_norm_backward_op(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> Tuple[Tensor, Tensor]:
+    return owned_outputs(rms_norm_backward_ref(dy, x, weight, rstd), (dy, x, weight, rstd))
+
+
+@_rms_norm_backward_op.register_fake
+def _(dy, x, weight, rstd):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dweight = torch.ops.fastdit.rms_norm_backward(dy, x, weight, rstd)
+    return dx, dweight, None
+
+
+_rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_unsupported_reason(x: Tensor, weight: Tensor) -> Optional[str]:
+    reason = triton_device_reason(x) or triton_dtype_reason(x=x, weight=weight)
+    if reason is None and x.shape[-1] > MAX_TRITON_D:
+        reason = f"last dimension {x.shape[-1]} is larger than the kernel's limit of {MAX_TRITON_D}"
+    return reason
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, backend: Optional[str] = None) -> Tensor:
+    """RMSNorm of the last dim with learned ``weight``; x: (..., d), weight: (d,)."""
+    _check_inputs(x, weight)
+    if use_triton(_OP, backend, lambda: triton_unsupported_reason(x, weight), KERNEL_READY and x.is_cuda):
+        return torch.ops.fastdit.rms_norm(x, weight, eps)[0]
+    return _forward_math(x, weight, eps)[0]

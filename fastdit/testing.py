@@ -1,0 +1,82 @@
+"""Accuracy checks for fast ops against float64 (flash-attention's rule).
+
+A low-precision result passes when its error against a float64 reference is at most ``factor`` (2) times
+the error of the reference computed in the same low dtype, plus a per-dtype floor scaled by the size of
+the values. The rule adapts to how hard each output is (a sum over 4,096 tokens rounds worse than an
+elementwise product) without hand-tuned tolerances per test.
+
+    ref64 = op_ref(*(t.double() for t in inputs))        # the truth
+    ref_lp = op_ref(*inputs)                              # the reference in the same dtype
+    assert_close_to_reference(fast_op(*inputs), ref_lp, ref64, name="y")
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+# Relative floors (× max|ref64|): for outputs that the low-precision reference happens to get exactly
+# right (its error is then 0, and 2 × 0 would demand bit-exactness).
+FLOORS = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-6,
+    torch.float16: 1e-3,
+    torch.bfloat16: 8e-3,
+}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    name: str
+    error: float            # max |actual - ref64|
+    reference_error: float  # max |ref_same_dtype - ref64|
+    allowed: float          # factor * reference_error + floor
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.allowed
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.ok else "FAIL"
+        return (f"{self.name}: error {self.error:.3e} vs allowed {self.allowed:.3e} "
+                f"(same-dtype reference error {self.reference_error:.3e}) {verdict}")
+
+
+def _max_abs_diff(a: Tensor, b: Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    return (a.detach().to(torch.float64) - b.detach().to(torch.float64)).abs().max().item()
+
+
+def compare_to_reference(actual: Tensor, reference: Tensor, reference64: Tensor, *, name: str = "output",
+                         factor: float = 2.0, floor: Optional[float] = None) -> Comparison:
+    """Measure ``actual`` against the float64 truth and the same-dtype reference's own error.
+
+    Raises AssertionError (naming ``name``) when shapes differ or ``actual`` holds NaN/inf where the
+    truth is finite: those are never accuracy questions.
+    """
+    if actual.shape != reference64.shape or reference.shape != reference64.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} (reference {tuple(reference.shape)}), "
+                             f"expected {tuple(reference64.shape)}")
+    finite = torch.isfinite(reference64)
+    bad = finite & ~torch.isfinite(actual.detach().to(torch.float64))
+    if bad.any():
+        raise AssertionError(f"{name}: {int(bad.sum())} non-finite values where the float64 reference is "
+                             f"finite (first at index {tuple(bad.nonzero()[0].tolist())})")
+    if floor is None:
+        floor = FLOORS.get(reference.dtype, 1e-6)
+    magnitude = reference64.detach().abs().max().item() if reference64.numel() else 0.0
+    reference_error = _max_abs_diff(reference, reference64)
+    allowed = factor * reference_error + floor * max(magnitude, 1e-30)
+    return Comparison(name, _max_abs_diff(actual, reference64), reference_error, allowed)
+
+
+def assert_close_to_reference(actual: Tensor, reference: Tensor, reference64: Tensor, *, name: str = "output",
+                              factor: float = 2.0, floor: Optional[float] = None) -> Comparison:
+    """Assert the 2×-the-reference's-error rule (see the module docstring); returns the comparison."""
+    result = compare_to_reference(actual, reference, reference64, name=name, factor=factor, floor=floor)
+    if not result.ok:
+        raise AssertionError(str(result))
+    return result

@@ -1,0 +1,44 @@
+"""The accuracy rule itself must be able to fail."""
+import pytest
+import torch
+
+from fastdit.testing import FLOORS, assert_close_to_reference, compare_to_reference
+
+
+def _truth_and_lowp(dtype, n=1000):
+    truth = torch.randn(n, dtype=torch.float64)
+    return truth, truth.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_same_dtype_reference_passes(dtype):
+    truth, lowp = _truth_and_lowp(dtype)
+    result = assert_close_to_reference(lowp.clone(), lowp, truth)
+    assert result.error == result.reference_error
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_three_times_the_reference_error_fails(dtype):
+    truth, lowp = _truth_and_lowp(dtype)
+    base = (lowp.double() - truth).abs().max().item()
+    worse = truth + 3 * base * torch.sign(torch.randn_like(truth))  # float64: error exactly 3x
+    with pytest.raises(AssertionError, match="FAIL"):
+        assert_close_to_reference(worse, lowp, truth, floor=0.0)
+
+
+def test_floor_admits_tiny_error_when_reference_is_exact():
+    truth = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    exact = truth.to(torch.bfloat16)
+    nudged = exact.double() * (1 + FLOORS[torch.bfloat16] / 8)
+    assert compare_to_reference(nudged, exact, truth).ok
+    assert not compare_to_reference(truth * 1.1, exact, truth).ok
+
+
+def test_nan_and_shape_mismatch_fail_loudly():
+    truth, lowp = _truth_and_lowp(torch.float32, 10)
+    bad = lowp.clone()
+    bad[3] = float("nan")
+    with pytest.raises(AssertionError, match="non-finite"):
+        assert_close_to_reference(bad, lowp, truth, name="y")
+    with pytest.raises(AssertionError, match="shape"):
+        assert_close_to_reference(lowp[:5], lowp, truth)
