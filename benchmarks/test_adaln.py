@@ -42,8 +42,9 @@ def triton_gated(*args):
 # name -> (LN-modulate, gated seam); every peer is measured in the same process
 IMPLS = {
     "eager-stock": (stock_modulate, stock_gated),
-    "compile-stock": (torch.compile(stock_modulate), torch.compile(stock_gated)),
-    "compile-fastdit-reference": (torch.compile(reference_modulate), torch.compile(reference_gated)),
+    "compile-stock": (torch.compile(stock_modulate, dynamic=False), torch.compile(stock_gated, dynamic=False)),
+    "compile-fastdit-reference": (torch.compile(reference_modulate, dynamic=False),
+                                  torch.compile(reference_gated, dynamic=False)),
     "fastdit-triton": (triton_modulate, triton_gated),
 }
 
