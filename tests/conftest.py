@@ -26,6 +26,15 @@ except ImportError as err:  # pragma: no cover - environment problem, not a test
                 f"tree's fastdit/ shadows a non-editable install; install with `pip install -e .`.", returncode=4)
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def device():
+    """Where fast-path tests run: the GPU when there is one, else the CPU (Triton's interpreter)."""
+    return DEVICE
+
+
 @pytest.fixture(autouse=True)
 def _seed_rngs(request):
     """Every test gets its own fixed seed (fresh random inputs per test, reproducible failures)."""

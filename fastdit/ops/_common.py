@@ -68,10 +68,16 @@ def triton_device_reason(*tensors: Optional[torch.Tensor]) -> Optional[str]:
 
 
 def triton_dtype_reason(**tensors: Optional[torch.Tensor]) -> Optional[str]:
-    for name, t in tensors.items():
-        if t is not None and t.dtype not in TRITON_DTYPES:
-            return f"{name} has dtype {t.dtype}; the Triton kernels take float16, bfloat16 and float32"
+    bad = [f"{name} has dtype {t.dtype}" for name, t in tensors.items() if t is not None and t.dtype not in TRITON_DTYPES]
+    if bad:
+        return ", ".join(bad) + "; the Triton kernels take float16, bfloat16 and float32"
     return None
+
+
+def join_reasons(*reasons: Optional[str]) -> Optional[str]:
+    """All the reasons a kernel cannot run, or None."""
+    present = [r for r in reasons if r]
+    return "; ".join(present) if present else None
 
 
 def use_triton(op: str, backend: Optional[str], unsupported_reason: Callable[[], Optional[str]],

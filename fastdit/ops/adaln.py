@@ -4,7 +4,8 @@
 
 Shapes: ``x: (B, N, D)``; ``shift, scale: (B, D)`` (per sample, broadcast over the N tokens) or
 ``(B, N, D)`` (per token), both the same shape. ``x`` in float32/bfloat16/float16; ``shift``/``scale``
-in the same dtype or float32 (bf16 activations with fp32 modulation is the common DiT case).
+in any floating dtype (bf16 activations with fp32 modulation is common in DiT training; under bf16
+autocast it is the other way round: an fp32 residual stream with bf16 modulation).
 The output has ``x``'s dtype; the math runs in float32 (float64 for float64 inputs).
 
 Layers (see design.md §3): ``adaln_modulate_ref`` (ground truth, same signature as the fast op) ·
@@ -18,8 +19,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastdit.ops._common import (check, check_floating, check_same_device, compute_dtype, owned_outputs,
-                                 shape_str, triton_device_reason, triton_dtype_reason, use_triton)
+from fastdit.ops._common import (check, check_floating, check_same_device, compute_dtype, join_reasons,
+                                 owned_outputs, shape_str, triton_device_reason, triton_dtype_reason, use_triton)
 
 # Set once a Triton kernel backs the library op on CUDA; until then "auto" picks the reference.
 KERNEL_READY = False
@@ -41,8 +42,6 @@ def check_modulation_inputs(op: str, x: Tensor, **modulation: Tensor) -> None:
               f"{name} must be (B, D) = ({B}, {D}) or (B, N, D) = ({B}, {N}, {D}) to match x, got {shape_str(t)}")
         check(tuple(t.shape) == first, op,
               f"{name} has shape {shape_str(t)} but {first_name} has {tuple(first)}: use one form for all")
-        check(t.dtype in (x.dtype, torch.float32, torch.float64), op,
-              f"{name} must have x's dtype ({x.dtype}) or float32, got {t.dtype}")
 
 
 def per_token(m: Tensor) -> Tensor:
@@ -157,10 +156,9 @@ _adaln_modulate_op.register_autograd(_adaln_backward, setup_context=_adaln_setup
 
 def triton_unsupported_reason(x: Tensor, shift: Tensor, scale: Tensor) -> Optional[str]:
     """Why the Triton kernel cannot take these (already validated) inputs, or None."""
-    reason = triton_device_reason(x) or triton_dtype_reason(x=x, shift=shift, scale=scale)
-    if reason is None and x.shape[-1] > MAX_TRITON_D:
-        reason = f"D = {x.shape[-1]} is larger than the kernel's limit of {MAX_TRITON_D}"
-    return reason
+    return join_reasons(
+        triton_device_reason(x), triton_dtype_reason(x=x, shift=shift, scale=scale),
+        f"D = {x.shape[-1]} is larger than the kernel's limit of {MAX_TRITON_D}" if x.shape[-1] > MAX_TRITON_D else None)
 
 
 def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6, *,

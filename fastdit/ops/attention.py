@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastdit.ops._common import (check, check_floating, check_same_device, compute_dtype, owned_outputs,
-                                 shape_str, triton_device_reason, use_triton)
+from fastdit.ops._common import (check, check_floating, check_same_device, compute_dtype, join_reasons,
+                                 owned_outputs, shape_str, triton_device_reason, use_triton)
 
 KERNEL_READY = False  # see fastdit.ops.adaln.KERNEL_READY
 TRITON_HEAD_DIMS = (64, 72, 80, 96, 128)
@@ -253,13 +253,12 @@ _joint_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 def triton_unsupported_reason(q_img: Tensor) -> Optional[str]:
     """Why the Triton kernel cannot take these (validated, (B, N, H, d)) inputs, or None."""
-    reason = triton_device_reason(q_img)
-    if reason is None and q_img.dtype not in TRITON_DTYPES:
-        reason = f"dtype {q_img.dtype}; the attention kernel takes float16, bfloat16 and float32"
-    if reason is None and q_img.shape[-1] not in TRITON_HEAD_DIMS:
-        reason = (f"head dim {q_img.shape[-1]} is not supported by the attention kernel "
-                  f"(supported: {', '.join(map(str, TRITON_HEAD_DIMS))})")
-    return reason
+    return join_reasons(
+        triton_device_reason(q_img),
+        f"dtype {q_img.dtype}; the attention kernel takes float16, bfloat16 and float32"
+        if q_img.dtype not in TRITON_DTYPES else None,
+        f"head dim {q_img.shape[-1]} is not supported by the attention kernel "
+        f"(supported: {', '.join(map(str, TRITON_HEAD_DIMS))})" if q_img.shape[-1] not in TRITON_HEAD_DIMS else None)
 
 
 def joint_attention(q_img: Tensor, k_img: Tensor, v_img: Tensor, q_txt: Optional[Tensor] = None,

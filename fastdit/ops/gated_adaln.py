@@ -4,6 +4,8 @@
     out = LN(x') * (1 + scale) + shift      (LN of x' as stored, so out == adaln_modulate(x'))
 
 Shapes: ``x, y: (B, N, D)``; ``gate, shift, scale: (B, D)`` or ``(B, N, D)``, all three the same shape.
+``y`` and the modulation may have other floating dtypes than ``x`` (under bf16 autocast the residual
+stream x is fp32 while y and the modulation come out of Linear layers in bf16).
 Returns ``(x', out)``, both in ``x``'s dtype. Math in float32 (float64 for float64 inputs).
 """
 from __future__ import annotations
@@ -13,8 +15,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastdit.ops._common import (check, check_floating, check_same_device, compute_dtype, owned_outputs,
-                                 shape_str, triton_device_reason, triton_dtype_reason, use_triton)
+from fastdit.ops._common import (check, check_floating, check_same_device, compute_dtype, join_reasons,
+                                 owned_outputs, shape_str, triton_device_reason, triton_dtype_reason, use_triton)
 from fastdit.ops.adaln import (MAX_TRITON_D, _adaln_forward_math, check_modulation_inputs,
                                layer_norm_modulate_backward_math, per_token, reduce_to)
 
@@ -110,10 +112,9 @@ _gated_op.register_autograd(_gated_backward, setup_context=_gated_setup_context)
 
 
 def triton_unsupported_reason(x, y, gate, shift, scale) -> Optional[str]:
-    reason = triton_device_reason(x) or triton_dtype_reason(x=x, y=y, gate=gate, shift=shift, scale=scale)
-    if reason is None and x.shape[-1] > MAX_TRITON_D:
-        reason = f"D = {x.shape[-1]} is larger than the kernel's limit of {MAX_TRITON_D}"
-    return reason
+    return join_reasons(
+        triton_device_reason(x), triton_dtype_reason(x=x, y=y, gate=gate, shift=shift, scale=scale),
+        f"D = {x.shape[-1]} is larger than the kernel's limit of {MAX_TRITON_D}" if x.shape[-1] > MAX_TRITON_D else None)
 
 
 def gated_residual_adaln(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6,

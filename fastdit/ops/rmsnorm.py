@@ -2,7 +2,7 @@
 
     y = x / sqrt(mean(x^2) + eps) * weight
 
-Shapes: ``x: (..., d)`` (typically (B, N, H, head_dim)); ``weight: (d,)``, in x's dtype or float32.
+Shapes: ``x: (..., d)`` (typically (B, N, H, head_dim)); ``weight: (d,)``, any floating dtype.
 Output in x's dtype; math in float32 (float64 for float64 inputs). Same result as ``torch.nn.RMSNorm``
 up to its lower-precision arithmetic on half inputs.
 """
@@ -13,8 +13,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastdit.ops._common import (check, check_floating, check_same_device, compute_dtype, owned_outputs,
-                                 shape_str, triton_device_reason, triton_dtype_reason, use_triton)
+from fastdit.ops._common import (check, check_floating, check_same_device, compute_dtype, join_reasons,
+                                 owned_outputs, shape_str, triton_device_reason, triton_dtype_reason, use_triton)
 
 KERNEL_READY = False  # see fastdit.ops.adaln.KERNEL_READY
 MAX_TRITON_D = 16384
@@ -27,8 +27,6 @@ def _check_inputs(x: Tensor, weight: Tensor) -> None:
     check(x.dim() >= 1 and x.shape[-1] > 0, _OP, f"x needs a non-empty last dimension, got shape {shape_str(x)}")
     check(weight.dim() == 1 and weight.shape[0] == x.shape[-1], _OP,
           f"weight must be 1-D with x's last dimension ({x.shape[-1]}), got {shape_str(weight)}")
-    check(weight.dtype in (x.dtype, torch.float32, torch.float64), _OP,
-          f"weight must have x's dtype ({x.dtype}) or float32, got {weight.dtype}")
 
 
 def _forward_math(x: Tensor, weight: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
@@ -95,10 +93,10 @@ _rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def triton_unsupported_reason(x: Tensor, weight: Tensor) -> Optional[str]:
-    reason = triton_device_reason(x) or triton_dtype_reason(x=x, weight=weight)
-    if reason is None and x.shape[-1] > MAX_TRITON_D:
-        reason = f"last dimension {x.shape[-1]} is larger than the kernel's limit of {MAX_TRITON_D}"
-    return reason
+    return join_reasons(
+        triton_device_reason(x), triton_dtype_reason(x=x, weight=weight),
+        f"last dimension {x.shape[-1]} is larger than the kernel's limit of {MAX_TRITON_D}"
+        if x.shape[-1] > MAX_TRITON_D else None)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, backend: Optional[str] = None) -> Tensor:

@@ -22,8 +22,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastdit.ops._common import (check, check_floating, check_same_device, compute_dtype, fail, owned_outputs,
-                                 shape_str, triton_device_reason, triton_dtype_reason, use_triton)
+from fastdit.ops._common import (check, check_floating, check_same_device, compute_dtype, fail, join_reasons,
+                                 owned_outputs, shape_str, triton_device_reason, triton_dtype_reason, use_triton)
 
 KERNEL_READY = False  # see fastdit.ops.adaln.KERNEL_READY
 _OP = "rope"
@@ -145,10 +145,10 @@ _rope_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def triton_unsupported_reason(x: Tensor, freqs: Tensor) -> Optional[str]:
-    reason = triton_device_reason(x) or triton_dtype_reason(x=x)
-    if reason is None and freqs.dtype != torch.float32:
-        reason = f"freqs has dtype {freqs.dtype}; the kernel reads float32 tables (as rope_freqs* make them)"
-    return reason
+    return join_reasons(
+        triton_device_reason(x), triton_dtype_reason(x=x),
+        f"freqs has dtype {freqs.dtype}; the kernel reads float32 tables (as rope_freqs* make them)"
+        if freqs.dtype != torch.float32 else None)
 
 
 def rope(x: Tensor, freqs: Tensor, interleaved: bool = True, inverse: bool = False, *,

@@ -16,16 +16,17 @@ def test_self_attention_matches_timm_attention(qk_norm, stock):
     torch.testing.assert_close(out, stock(x))
 
 
-def test_joint_attention_module_shapes_rope_and_backends_agree(stock):
-    attn = stock.randomize_(JointAttention(128, 2, joint=True, qk_norm=True), std=0.05)
-    x, ctx = torch.randn(2, 12, 128), torch.randn(2, 5, 128)
-    args = (x, ctx, torch.tensor([2, 5]), rope_freqs_2d(3, 4, 64), rope_freqs_1d(5, 64))
+def test_joint_attention_module_shapes_rope_and_backends_agree(stock, device):
+    attn = stock.randomize_(JointAttention(128, 2, joint=True, qk_norm=True), std=0.05).to(device)
+    x, ctx = torch.randn(2, 12, 128, device=device), torch.randn(2, 5, 128, device=device)
+    lengths = torch.tensor([2, 5], device=device)
+    args = (x, ctx, lengths, rope_freqs_2d(3, 4, 64, device=device), rope_freqs_1d(5, 64, device=device))
     ref = attn(*args)
     assert ref[0].shape == x.shape and ref[1].shape == ctx.shape
     attn.backend = "triton"
     for a, b in zip(attn(*args), ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    no_rope = attn(x, ctx, torch.tensor([2, 5]))
+    no_rope = attn(x, ctx, lengths)
     assert not torch.allclose(no_rope[0], ref[0])
 
 

@@ -58,12 +58,13 @@ CASES = [("reference", torch.float64), ("auto", torch.float64), ("triton", torch
 
 @pytest.mark.parametrize("backend,dtype", CASES)
 @pytest.mark.parametrize("N", [1, 7, 113])
-def test_dit_block_matches_the_official_block(backend, dtype, N, stock):
-    stock64 = stock.randomize_(stock.DiTBlock(144, 2), std=0.1).double()  # head dim 72, as DiT-XL
+def test_dit_block_matches_the_official_block(backend, dtype, N, stock, device):
+    stock64 = stock.randomize_(stock.DiTBlock(144, 2), std=0.1).to(device, torch.float64)  # head dim 72 (DiT-XL)
     stock = copy.deepcopy(stock64).to(dtype)
-    ours = DiTBlock(144, 2, backend=backend).to(dtype)
+    ours = DiTBlock(144, 2, backend=backend).to(device, dtype)
     ours.load_state_dict(stock.state_dict(), strict=True)
-    x64, c64 = torch.randn(2, N, 144, dtype=torch.float64), torch.randn(2, 144, dtype=torch.float64)
+    x64 = torch.randn(2, N, 144, dtype=torch.float64, device=device)
+    c64 = torch.randn(2, 144, dtype=torch.float64, device=device)
     runs = {}
     for tag, module, dt in (("ours", ours, dtype), ("stock", stock, dtype), ("stock64", stock64, torch.float64)):
         x, c = x64.to(dt).requires_grad_(), c64.to(dt).requires_grad_()
@@ -78,18 +79,20 @@ def test_dit_block_matches_the_official_block(backend, dtype, N, stock):
 
 @pytest.mark.parametrize("backend,dtype", CASES[:1] + CASES[2:3])
 @pytest.mark.parametrize("N_img,N_txt", [(9, 5), (1, 77), (6, 1)])
-def test_joint_block_matches_a_stock_mmdit_block(backend, dtype, N_img, N_txt, stock):
+def test_joint_block_matches_a_stock_mmdit_block(backend, dtype, N_img, N_txt, stock, device):
     d, heads = 128, 2
-    stock64 = stock.randomize_(stock.JointBlock(d, heads), std=0.1).double()
+    stock64 = stock.randomize_(stock.JointBlock(d, heads), std=0.1).to(device, torch.float64)
     stock = copy.deepcopy(stock64).to(dtype)
-    ours = JointDiTBlock(d, heads, backend=backend).to(dtype)
+    ours = JointDiTBlock(d, heads, backend=backend).to(device, dtype)
     ours.load_state_dict(stock.state_dict(), strict=True)
-    x64, ctx64 = torch.randn(3, N_img, d, dtype=torch.float64), torch.randn(3, N_txt, d, dtype=torch.float64)
-    c64 = torch.randn(3, d, dtype=torch.float64)
-    lengths = torch.tensor([0, N_txt, max(N_txt // 2, 1)])
-    img_freqs, txt_freqs = rope_freqs_2d(N_img, 1, d // heads), rope_freqs_1d(N_txt, d // heads)
+    x64 = torch.randn(3, N_img, d, dtype=torch.float64, device=device)
+    ctx64 = torch.randn(3, N_txt, d, dtype=torch.float64, device=device)
+    c64 = torch.randn(3, d, dtype=torch.float64, device=device)
+    lengths = torch.tensor([0, N_txt, max(N_txt // 2, 1)], device=device)
+    img_freqs = rope_freqs_2d(N_img, 1, d // heads, device=device)
+    txt_freqs = rope_freqs_1d(N_txt, d // heads, device=device)
     # the outputs of real caption tokens drive the loss; padded caption outputs are ignored by design
-    real = (torch.arange(N_txt) < lengths[:, None]).unsqueeze(-1)
+    real = (torch.arange(N_txt, device=device) < lengths[:, None]).unsqueeze(-1)
     runs = {}
     for tag, module, dt in (("ours", ours, dtype), ("stock", stock, dtype), ("stock64", stock64, torch.float64)):
         x, ctx = x64.to(dt).requires_grad_(), ctx64.to(dt).requires_grad_()
@@ -105,10 +108,11 @@ def test_joint_block_matches_a_stock_mmdit_block(backend, dtype, N_img, N_txt, s
 
 
 @pytest.mark.parametrize("backend,expect_library_ops", [("reference", False), ("triton", True), ("auto", False)])
-def test_dispatch_goes_where_the_backend_says(backend, expect_library_ops, recorder, stock):
-    block = stock.randomize_(JointDiTBlock(64, 1, backend=backend))
-    args = (torch.randn(2, 4, 64), torch.randn(2, 3, 64), torch.randn(2, 64), torch.tensor([1, 3]),
-            rope_freqs_2d(2, 2, 64), None)
+def test_dispatch_goes_where_the_backend_says(backend, expect_library_ops, recorder, stock, device):
+    block = stock.randomize_(JointDiTBlock(64, 1, backend=backend)).to(device)
+    args = (torch.randn(2, 4, 64, device=device), torch.randn(2, 3, 64, device=device),
+            torch.randn(2, 64, device=device), torch.tensor([1, 3], device=device),
+            rope_freqs_2d(2, 2, 64, device=device), None)
     with recorder() as rec:
         block(*args)[0].sum().backward()
     fastdit_ops = {op for op in rec.ops if op.startswith("fastdit.")}
@@ -116,36 +120,57 @@ def test_dispatch_goes_where_the_backend_says(backend, expect_library_ops, recor
                 "fastdit.joint_attention", "fastdit.adaln_modulate_backward",
                 "fastdit.gated_residual_adaln_backward", "fastdit.rms_norm_backward",
                 "fastdit.joint_attention_backward"}
-    # on CPU "auto" uses the reference until kernels land; "triton" uses every library op
+    # "auto" uses the reference until kernels land; "triton" uses every library op
     assert fastdit_ops == (expected if expect_library_ops else set())
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_compiled_blocks_have_no_graph_breaks(backend, stock):
+def test_compiled_blocks_have_no_graph_breaks(backend, stock, device):
     torch._dynamo.reset()
-    dit = stock.randomize_(DiTBlock(64, 1, backend=backend))
-    explained = torch._dynamo.explain(dit)(torch.randn(2, 9, 64), torch.randn(2, 64), rope_freqs_2d(3, 3, 64))
+    dit = stock.randomize_(DiTBlock(64, 1, backend=backend)).to(device)
+    explained = torch._dynamo.explain(dit)(torch.randn(2, 9, 64, device=device), torch.randn(2, 64, device=device),
+                                           rope_freqs_2d(3, 3, 64, device=device))
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
-    joint = stock.randomize_(JointDiTBlock(64, 1, backend=backend))
-    explained = torch._dynamo.explain(joint)(torch.randn(2, 9, 64), torch.randn(2, 5, 64), torch.randn(2, 64),
-                                             torch.tensor([0, 5]), rope_freqs_2d(3, 3, 64), rope_freqs_1d(5, 64))
+    joint = stock.randomize_(JointDiTBlock(64, 1, backend=backend)).to(device)
+    explained = torch._dynamo.explain(joint)(
+        torch.randn(2, 9, 64, device=device), torch.randn(2, 5, 64, device=device), torch.randn(2, 64, device=device),
+        torch.tensor([0, 5], device=device), rope_freqs_2d(3, 3, 64, device=device),
+        rope_freqs_1d(5, 64, device=device))
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
     torch._dynamo.reset()
 
 
-def test_compiled_block_runs_forward_and_backward_like_eager(stock):
+def test_compiled_block_runs_forward_and_backward_like_eager(stock, device):
     """fullgraph=True compile (aot_eager: no C++ toolchain needed) through the library ops."""
     torch._dynamo.reset()
-    block = stock.randomize_(DiTBlock(128, 2, backend="triton"), std=0.05)
+    block = stock.randomize_(DiTBlock(128, 2, backend="triton"), std=0.05).to(device)
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 9, 128, requires_grad=True)
-    c = torch.randn(2, 128)
+    x = torch.randn(2, 9, 128, requires_grad=True, device=device)
+    c = torch.randn(2, 128, device=device)
     out, want = compiled(x, c), block(x, c)
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0])
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_blocks_under_bf16_autocast_keep_an_fp32_residual_stream(backend, stock, device):
+    """Under autocast the residual x stays fp32 while modulation and sublayer outputs come out of
+    Linear layers in bf16: the fused ops must take that mix and match the stock block."""
+    ours = stock.randomize_(DiTBlock(128, 2, backend=backend), std=0.05).to(device)
+    theirs = stock.DiTBlock(128, 2).to(device)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 9, 128, device=device, requires_grad=True)
+    c = torch.randn(2, 128, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out, want = ours(x, c), theirs(x, c)
+    assert out.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(out, want, rtol=3e-2, atol=3e-2)
+    (grad,) = torch.autograd.grad(out.square().mean(), x)
+    (grad_want,) = torch.autograd.grad(want.square().mean(), x)
+    torch.testing.assert_close(grad, grad_want, rtol=5e-2, atol=5e-3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

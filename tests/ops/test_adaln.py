@@ -19,10 +19,10 @@ def independent(x, shift, scale, eps=EPS):
     return F.layer_norm(x.double(), (x.shape[-1],), eps=eps) * (1 + scale.double()) + shift.double()
 
 
-def make(B, N, D, per_token, dtype=torch.float32, mod_dtype=None, requires_grad=False):
+def make(B, N, D, per_token, dtype=torch.float32, mod_dtype=None, requires_grad=False, device="cpu"):
     mshape = (B, N, D) if per_token else (B, D)
-    x = (torch.randn(B, N, D) * 3 + 0.5).to(dtype)
-    shift, scale = (torch.randn(mshape).to(mod_dtype or dtype) for _ in range(2))
+    x = (torch.randn(B, N, D) * 3 + 0.5).to(device, dtype)
+    shift, scale = (torch.randn(mshape).to(device, mod_dtype or dtype) for _ in range(2))
     return [t.requires_grad_(requires_grad) for t in (x, shift, scale)]
 
 
@@ -82,12 +82,12 @@ def test_gradcheck_every_input(per_token, impl):
 
 
 @pytest.mark.parametrize("dtype,mod_dtype", [(torch.float32, None), (torch.bfloat16, torch.float32),
-                                             (torch.float16, None)])
+                                             (torch.float16, None), (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize("per_token", [False, True])
-def test_backend_triton_forward_and_gradients_follow_the_2x_rule(dtype, mod_dtype, per_token):
-    x, shift, scale = make(2, 7, 123, per_token, dtype, mod_dtype, requires_grad=True)
+def test_backend_triton_forward_and_gradients_follow_the_2x_rule(dtype, mod_dtype, per_token, device):
+    x, shift, scale = make(2, 7, 123, per_token, dtype, mod_dtype, requires_grad=True, device=device)
     x64, shift64, scale64 = (t.detach().double().requires_grad_() for t in (x, shift, scale))
-    dy = torch.randn(x.shape).to(dtype)
+    dy = torch.randn(x.shape).to(device, dtype)
     out = adaln_modulate(x, shift, scale, backend="triton")
     ref = adaln_modulate_ref(x, shift, scale)
     ref64 = adaln_modulate_ref(x64, shift64, scale64)
@@ -109,8 +109,8 @@ def test_opcheck(per_token, dtype, mod_dtype):
     opcheck(torch.ops.fastdit.adaln_modulate.default, (x_strided, shift, scale, EPS))
 
 
-def test_backends_agree_on_cpu():
-    x, shift, scale = make(2, 7, 72, False)
+def test_backends_agree(device):
+    x, shift, scale = make(2, 7, 72, False, device=device)
     ref = adaln_modulate(x, shift, scale, backend="reference")
     for backend in ("auto", "triton"):
         torch.testing.assert_close(adaln_modulate(x, shift, scale, backend=backend), ref)
@@ -122,7 +122,6 @@ def test_backends_agree_on_cpu():
     (lambda x, s, c: (x[0], s, c), r"x must be 3-D \(B, N, D\), got shape \(7, 72\)"),
     (lambda x, s, c: (x, s[:, :70], c), r"shift must be \(B, D\) = \(2, 72\) or \(B, N, D\)"),
     (lambda x, s, c: (x, s, c[:, None].expand(2, 7, 72)), "use one form for all"),
-    (lambda x, s, c: (x, s.half(), c), "must have x's dtype"),
     (lambda x, s, c: (x.long(), s, c), "floating-point"),
     (lambda x, s, c: (x, s.to("meta"), c), "one device"),
 ])
@@ -133,12 +132,12 @@ def test_bad_inputs_raise_clear_errors(bad, match):
             fn(*bad(x, shift, scale))
 
 
-def test_triton_backend_names_why_it_cannot_run(monkeypatch):
-    x, shift, scale = make(2, 7, 72, False, torch.float64)
-    with pytest.raises(ValueError, match="backend='triton' cannot run these inputs: x has dtype torch.float64"):
+def test_triton_backend_names_why_it_cannot_run(monkeypatch, device):
+    x, shift, scale = make(2, 7, 72, False, torch.float64, device=device)
+    with pytest.raises(ValueError, match="backend='triton' cannot run these inputs: .*x has dtype torch.float64"):
         adaln_modulate(x, shift, scale, backend="triton")
     # auto falls back quietly for the same inputs
     torch.testing.assert_close(adaln_modulate(x, shift, scale, backend="auto"), adaln_modulate_ref(x, shift, scale))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="Triton kernels run on CUDA"):
-        adaln_modulate(x.float(), shift.float(), scale.float(), backend="triton")
+    with pytest.raises(ValueError, match="tensors are on cpu; Triton kernels run on CUDA"):
+        adaln_modulate(x.float().cpu(), shift.float().cpu(), scale.float().cpu(), backend="triton")

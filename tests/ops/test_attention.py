@@ -10,9 +10,9 @@ from fastdit.ops import joint_attention, joint_attention_ref, joint_attention_sd
 from fastdit.testing import assert_close_to_reference
 
 
-def make(B, N_img, N_txt, H, d, dtype=torch.float64, requires_grad=False):
-    img = [torch.randn(B, N_img, H, d).to(dtype) for _ in range(3)]
-    txt = [torch.randn(B, N_txt, H, d).to(dtype) for _ in range(3)] if N_txt is not None else [None] * 3
+def make(B, N_img, N_txt, H, d, dtype=torch.float64, requires_grad=False, device="cpu"):
+    img = [torch.randn(B, N_img, H, d).to(device, dtype) for _ in range(3)]
+    txt = [torch.randn(B, N_txt, H, d).to(device, dtype) for _ in range(3)] if N_txt is not None else [None] * 3
     return [t.requires_grad_(requires_grad) if t is not None else None for t in img + txt]
 
 
@@ -115,17 +115,17 @@ def test_custom_scale():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_backends_follow_the_2x_rule_forward_and_backward(dtype, backend):
-    inputs = make(2, 7, 5, 2, 64, dtype, requires_grad=True)
+def test_backends_follow_the_2x_rule_forward_and_backward(dtype, backend, device):
+    inputs = make(2, 7, 5, 2, 64, dtype, requires_grad=True, device=device)
     inputs64 = [t.detach().double().requires_grad_() for t in inputs]
-    lengths = torch.tensor([0, 3])
+    lengths = torch.tensor([0, 3], device=device)
     outs = joint_attention(*inputs, txt_mask=lengths, backend=backend)
     refs = joint_attention_ref(*inputs, txt_mask=lengths)
     refs64 = joint_attention_ref(*inputs64, txt_mask=lengths)
     for o, r, r64, name in zip(outs, refs, refs64, ("out_img", "out_txt")):
         assert o.dtype == dtype
         assert_close_to_reference(o, r, r64, name=name)
-    cot = [torch.randn(o.shape).to(dtype) for o in outs]
+    cot = [torch.randn(o.shape).to(device, dtype) for o in outs]
     grads = torch.autograd.grad(outs, inputs, cot)
     grads_ref = torch.autograd.grad(refs, inputs, cot)
     grads64 = torch.autograd.grad(refs64, inputs64, [c.double() for c in cot])
@@ -185,3 +185,5 @@ def test_bad_inputs_raise_clear_errors():
         joint_attention(q, k, v, layout="nbhd")
     with pytest.raises(ValueError, match=r"head dim 8 is not supported by the attention kernel \(supported: 64, 72"):
         joint_attention(q, k, v, backend="triton")
+    with pytest.raises(ValueError, match=r"dtype torch.float64; .*head dim 8"):  # every reason is named
+        joint_attention(q.double(), k.double(), v.double(), backend="triton")

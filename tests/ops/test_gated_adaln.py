@@ -20,10 +20,12 @@ def independent(x, y, gate, shift, scale, eps=EPS):
     return x_new, out
 
 
-def make(B, N, D, per_token, dtype=torch.float32, mod_dtype=None, requires_grad=False):
+def make(B, N, D, per_token, dtype=torch.float32, mod_dtype=None, requires_grad=False, device="cpu"):
+    """x in ``dtype``; y and the modulation in ``mod_dtype`` (the autocast case: fp32 x, bf16 rest)."""
     mshape = (B, N, D) if per_token else (B, D)
-    x, y = (torch.randn(B, N, D).to(dtype) for _ in range(2))
-    mods = [torch.randn(mshape).to(mod_dtype or dtype) for _ in range(3)]
+    x = torch.randn(B, N, D).to(device, dtype)
+    y = torch.randn(B, N, D).to(device, mod_dtype or dtype)
+    mods = [torch.randn(mshape).to(device, mod_dtype or dtype) for _ in range(3)]
     return [t.requires_grad_(requires_grad) for t in (x, y, *mods)]
 
 
@@ -38,6 +40,7 @@ def test_reference_matches_independent_float64(B, N, D, per_token):
 def test_out_is_adaln_of_the_stored_residual():
     """In low precision, LN runs on x' as rounded to x's dtype: out == adaln_modulate(x') exactly."""
     x, y, gate, shift, scale = make(2, 7, 123, False, torch.bfloat16, torch.float32)
+    y = y.bfloat16()
     x_new, out = gated_residual_adaln_ref(x, y, gate, shift, scale)
     assert x_new.dtype == out.dtype == torch.bfloat16
     torch.testing.assert_close(out, adaln_modulate_ref(x_new, shift, scale), rtol=0, atol=0)
@@ -69,17 +72,17 @@ def test_gradcheck_every_input(per_token, impl):
 
 
 @pytest.mark.parametrize("dtype,mod_dtype", [(torch.float32, None), (torch.bfloat16, torch.float32),
-                                             (torch.float16, None)])
+                                             (torch.float16, None), (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize("per_token", [False, True])
-def test_backend_triton_forward_and_gradients_follow_the_2x_rule(dtype, mod_dtype, per_token):
-    inputs = make(2, 7, 72, per_token, dtype, mod_dtype, requires_grad=True)
+def test_backend_triton_forward_and_gradients_follow_the_2x_rule(dtype, mod_dtype, per_token, device):
+    inputs = make(2, 7, 72, per_token, dtype, mod_dtype, requires_grad=True, device=device)
     inputs64 = [t.detach().double().requires_grad_() for t in inputs]
     outs = gated_residual_adaln(*inputs, backend="triton")
     refs = gated_residual_adaln_ref(*inputs)
     refs64 = gated_residual_adaln_ref(*inputs64)
     for o, r, r64, name in zip(outs, refs, refs64, ("x_new", "out")):
         assert_close_to_reference(o, r, r64, name=name)
-    cot = [torch.randn(o.shape).to(o.dtype) for o in outs]
+    cot = [torch.randn(o.shape).to(device, o.dtype) for o in outs]
     grads = torch.autograd.grad(outs, inputs, cot)
     grads_ref = torch.autograd.grad(refs, inputs, cot)
     grads64 = torch.autograd.grad(refs64, inputs64, [c.double() for c in cot])

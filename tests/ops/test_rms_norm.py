@@ -38,13 +38,13 @@ def test_gradcheck_every_input(impl):
 
 @pytest.mark.parametrize("dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                            (torch.float16, torch.float16)])
-def test_backend_triton_forward_and_gradients_follow_the_2x_rule(dtype, w_dtype):
-    x = torch.randn(2, 7, 3, 72).to(dtype).requires_grad_()
-    w = torch.randn(72).to(w_dtype).requires_grad_()
+def test_backend_triton_forward_and_gradients_follow_the_2x_rule(dtype, w_dtype, device):
+    x = torch.randn(2, 7, 3, 72).to(device, dtype).requires_grad_()
+    w = torch.randn(72).to(device, w_dtype).requires_grad_()
     x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
     out, ref, ref64 = rms_norm(x, w, backend="triton"), rms_norm_ref(x, w), rms_norm_ref(x64, w64)
     assert_close_to_reference(out, ref, ref64, name="y")
-    dy = torch.randn(x.shape).to(dtype)
+    dy = torch.randn(x.shape).to(device, dtype)
     for g, gr, g64, name in zip(torch.autograd.grad(out, (x, w), dy), torch.autograd.grad(ref, (x, w), dy),
                                 torch.autograd.grad(ref64, (x64, w64), dy.double()), ("dx", "dweight")):
         assert_close_to_reference(g, gr, g64, name=name)
@@ -62,7 +62,5 @@ def test_bad_inputs_raise_clear_errors():
     x = torch.randn(2, 4, 8)
     with pytest.raises(ValueError, match=r"weight must be 1-D with x's last dimension \(8\)"):
         rms_norm(x, torch.ones(7))
-    with pytest.raises(ValueError, match="weight must have x's dtype"):
-        rms_norm(x.bfloat16(), torch.ones(8, dtype=torch.float16))
-    with pytest.raises(ValueError, match="cannot run these inputs: x has dtype torch.float64"):
+    with pytest.raises(ValueError, match="cannot run these inputs: .*x has dtype torch.float64"):
         rms_norm(x.double(), torch.ones(8, dtype=torch.float64), backend="triton")

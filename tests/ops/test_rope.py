@@ -106,14 +106,14 @@ def test_gradcheck(interleaved, impl):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("interleaved", [True, False])
-def test_backend_triton_follows_the_2x_rule(dtype, interleaved):
-    x = torch.randn(2, 7, 3, 72).to(dtype).requires_grad_()
+def test_backend_triton_follows_the_2x_rule(dtype, interleaved, device):
+    x = torch.randn(2, 7, 3, 72).to(device, dtype).requires_grad_()
     x64 = x.detach().double().requires_grad_()
-    table = rope_freqs_2d(7, 1, 72)
+    table = rope_freqs_2d(7, 1, 72, device=device)
     out, ref, ref64 = (rope(x, table, interleaved, backend="triton"), rope_ref(x, table, interleaved),
                        rope_ref(x64, table, interleaved))
     assert_close_to_reference(out, ref, ref64, name="y")
-    dy = torch.randn(x.shape).to(dtype)
+    dy = torch.randn(x.shape).to(device, dtype)
     assert_close_to_reference(torch.autograd.grad(out, x, dy)[0], torch.autograd.grad(ref, x, dy)[0],
                               torch.autograd.grad(ref64, x64, dy.double())[0], name="dx")
 
