@@ -86,7 +86,8 @@ class StockJointAttention(nn.Module):
         B, Nt, Ni = x.shape[0], ctx.shape[1], x.shape[1]
         mask = None
         if lengths is not None:
-            keep = torch.cat([torch.arange(Nt) < lengths[:, None], torch.ones(B, Ni, dtype=torch.bool)], 1)
+            keep = torch.cat([torch.arange(Nt, device=x.device) < lengths[:, None],
+                              torch.ones(B, Ni, dtype=torch.bool, device=x.device)], 1)
             mask = keep[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
         return self.proj(out[:, Nt:]), self.txt_proj(out[:, :Nt])
