@@ -16,7 +16,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # for `harness` (benchmarks/ is not a package)
-from harness import Recorder, Result, measure_copy_bandwidth, measure_matmul_rate, time_cuda  # noqa: E402
+from harness import (Recorder, Result, measure_copy_bandwidth, measure_matmul_rate, time_cuda,  # noqa: E402
+                     time_cuda_graph)
 
 
 def pytest_addoption(parser):
@@ -57,13 +58,15 @@ def ceilings():
 
 @pytest.fixture
 def gpu_bench(benchmark, ceilings):
-    """``gpu_bench(fn, group=, impl=, shape=, bytes=None, flops=None, **extra) -> Result``."""
+    """``gpu_bench(fn, group=, impl=, shape=, bytes=None, flops=None, graph=True, **extra) -> Result``.
+
+    With ``graph=True`` the callable is also timed as CUDA-graph replays (``ms_graph``)."""
 
     def run(fn: Callable[[], object], *, group: str, impl: str, shape: str, bytes: Optional[float] = None,
-            flops: Optional[float] = None, **extra) -> Result:
+            flops: Optional[float] = None, graph: bool = True, **extra) -> Result:
         ms, p20, p80 = time_cuda(fn)
         result = Result(group=group, impl=impl, shape=shape, ms=ms, ms_p20=p20, ms_p80=p80, bytes=bytes,
-                        flops=flops, extra=extra)
+                        flops=flops, extra=extra, ms_graph=time_cuda_graph(fn) if graph else None)
         if bytes is not None:
             result.GBps = bytes / ms / 1e6
             result.fraction_of_ceiling = result.GBps / ceilings["copy_GBps"]

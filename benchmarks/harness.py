@@ -24,9 +24,10 @@ class Result:
     group: str                  # e.g. "adaln.fwd" — rows of one table
     impl: str                   # e.g. "fastdit-triton", "eager-reference", "compile-reference"
     shape: str                  # e.g. "64x256x1152"
-    ms: float                   # median
+    ms: float                   # median, as called from Python (host overhead included where it shows)
     ms_p20: float
     ms_p80: float
+    ms_graph: Optional[float] = None   # median of CUDA-graph replays: GPU time without host overhead
     bytes: Optional[float] = None
     flops: Optional[float] = None
     GBps: Optional[float] = None
@@ -41,6 +42,18 @@ def time_cuda(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 1
 
     median, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
     return float(median), float(p20), float(p80)
+
+
+def time_cuda_graph(fn: Callable[[], object], rep_ms: float = 100) -> Optional[float]:
+    """Median ms of ``fn`` replayed from a CUDA graph: the GPU time alone, without the host's launch
+    and dispatch overhead. None when ``fn`` cannot be captured."""
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        return float(do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+    except Exception:  # capture refused (host sync, allocator state…): report no figure, not a wrong one
+        torch.cuda.synchronize()
+        return None
 
 
 def environment() -> Dict[str, object]:
@@ -112,13 +125,17 @@ class Recorder:
             groups.setdefault(r.group, []).append(r)
         for group, rows in groups.items():
             unit = "GB/s" if rows[0].GBps is not None else "TFLOP/s"
-            lines += [f"### {group}", "", f"| shape | impl | ms (p20–p80) | {unit} | of ceiling |",
-                      "| --- | --- | --- | --- | --- |"]
+            lines += [f"### {group}", "", f"| shape | impl | ms (p20–p80) | {unit} | of ceiling | "
+                      f"graph-replay ms | graph {unit} |", "| --- | --- | --- | --- | --- | --- | --- |"]
             for r in rows:
                 rate = r.GBps if r.GBps is not None else r.TFLOPs
                 frac = "" if r.fraction_of_ceiling is None else f"{100 * r.fraction_of_ceiling:.0f}%"
+                work = r.bytes if r.bytes is not None else r.flops
+                scale = 1e6 if r.bytes is not None else 1e9
+                graph = "" if r.ms_graph is None else f"{r.ms_graph:.4f}"
+                graph_rate = "" if (r.ms_graph is None or work is None) else f"{work / r.ms_graph / scale:,.1f}"
                 lines.append(f"| {r.shape} | {r.impl} | {r.ms:.4f} ({r.ms_p20:.4f}–{r.ms_p80:.4f}) | "
-                             f"{'' if rate is None else f'{rate:,.1f}'} | {frac} |")
+                             f"{'' if rate is None else f'{rate:,.1f}'} | {frac} | {graph} | {graph_rate} |")
             lines.append("")
         return "\n".join(lines)
 

@@ -1,9 +1,10 @@
-"""AdaLN modulation (LayerNorm + modulate) and the gated residual seam: fastdit's paths against stock
-PyTorch eager and torch.compile, with the device copy as the ceiling (design.md §5).
+"""AdaLN modulation (LayerNorm + modulate) and the gated-residual seam: fastdit's fused kernels against
+stock PyTorch eager and torch.compile (specialised per shape), with the device copy as the ceiling.
 
-Bytes: forward reads x and writes y (2 passes of x-sized data; modulation vectors are negligible);
-forward+backward = 5 passes (fwd: r x, w y; bwd: r x, r dy, w dx). The gated seam forward reads x, y
-and writes x', out (4 passes).
+Bytes, counting each x-sized tensor read or written once (modulation vectors are negligible):
+- LN-modulate: fwd 2 (r x, w out); bwd 3 (r x, r dout, w dx); fwd+bwd 5.
+- gated seam:  fwd 4 (r x, r y, w x', w out); bwd 6 (r dx', r dout, r x', r y, w dx, w dy); fwd+bwd 10.
+bwd is timed as ``autograd.grad`` over a retained graph, for every peer alike.
 """
 import pytest
 import torch
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 from fastdit.ops import adaln, adaln_modulate, gated_residual_adaln
 
 SHAPES = [(64, 256, 1152), (2, 4096, 3072), (8, 4608, 1536)]  # DiT-XL/2 256px, Flux 1024px, SD3 1024px
+SHAPE_IDS = [f"{b}x{n}x{d}" for b, n, d in SHAPES]
+PASSES = {"plain": {"fwd": 2, "bwd": 3, "fwd+bwd": 5}, "gated": {"fwd": 4, "bwd": 6, "fwd+bwd": 10}}
 
 
 def stock_modulate(x, shift, scale):
@@ -39,42 +42,43 @@ def triton_gated(*args):
     return gated_residual_adaln(*args, backend="triton")
 
 
-# name -> (LN-modulate, gated seam); every peer is measured in the same process
-IMPLS = {
-    "eager-stock": (stock_modulate, stock_gated),
-    "compile-stock": (torch.compile(stock_modulate, dynamic=False), torch.compile(stock_gated, dynamic=False)),
-    "compile-fastdit-reference": (torch.compile(reference_modulate, dynamic=False),
-                                  torch.compile(reference_gated, dynamic=False)),
-    # the library op; until its Triton kernel lands it computes with the reference math
-    ("fastdit-triton" if adaln.KERNEL_READY else "fastdit-op-reference-math"): (triton_modulate, triton_gated),
+IMPLS = {  # name -> {"plain": fn, "gated": fn}; every peer is measured in the same process
+    "eager-stock": {"plain": stock_modulate, "gated": stock_gated},
+    "compile-stock": {"plain": torch.compile(stock_modulate, dynamic=False),
+                      "gated": torch.compile(stock_gated, dynamic=False)},
+    "compile-fastdit-reference": {"plain": torch.compile(reference_modulate, dynamic=False),
+                                  "gated": torch.compile(reference_gated, dynamic=False)},
+    ("fastdit-triton" if adaln.KERNEL_READY else "fastdit-op-reference-math"): {"plain": triton_modulate,
+                                                                                 "gated": triton_gated},
 }
 
 
-@pytest.mark.parametrize("B,N,D", SHAPES, ids=[f"{b}x{n}x{d}" for b, n, d in SHAPES])
+def _inputs(form, B, N, D):
+    def t(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    if form == "plain":
+        return [t(B, N, D), t(B, D), t(B, D)]
+    return [t(B, N, D), t(B, N, D), t(B, D), t(B, D), t(B, D)]
+
+
+@pytest.mark.parametrize("B,N,D", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
-def test_adaln_modulate(gpu_bench, direction, impl, B, N, D):
-    modulate = IMPLS[impl][0]
-    x = torch.randn(B, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    shift, scale = (torch.randn(B, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-    pass_bytes = x.numel() * x.element_size()
-    shape = f"{B}x{N}x{D}"
+@pytest.mark.parametrize("direction", ["fwd", "bwd", "fwd+bwd"])
+@pytest.mark.parametrize("form", ["plain", "gated"])
+def test_adaln(gpu_bench, form, direction, impl, B, N, D):
+    fn = IMPLS[impl][form]
+    inputs = _inputs(form, B, N, D)
+    x_bytes = inputs[0].numel() * inputs[0].element_size()
+    kwargs = dict(group=f"{'adaln' if form == 'plain' else 'gated_adaln'}.{direction}", impl=impl,
+                  shape=f"{B}x{N}x{D}", bytes=PASSES[form][direction] * x_bytes)
     if direction == "fwd":
         with torch.no_grad():
-            gpu_bench(lambda: modulate(x, shift, scale), group="adaln.fwd", impl=impl, shape=shape,
-                      bytes=2 * pass_bytes)
+            gpu_bench(lambda: fn(*inputs), **kwargs)
+        return
+    outs = fn(*inputs)
+    outs = (outs,) if isinstance(outs, torch.Tensor) else outs
+    cot = [torch.randn_like(o) for o in outs]
+    if direction == "bwd":
+        gpu_bench(lambda: torch.autograd.grad(outs, inputs, cot, retain_graph=True), **kwargs)
     else:
-        dy = torch.randn_like(x)
-        gpu_bench(lambda: torch.autograd.grad(modulate(x, shift, scale), (x, shift, scale), dy),
-                  group="adaln.fwd+bwd", impl=impl, shape=shape, bytes=5 * pass_bytes)
-
-
-@pytest.mark.parametrize("B,N,D", SHAPES, ids=[f"{b}x{n}x{d}" for b, n, d in SHAPES])
-@pytest.mark.parametrize("impl", list(IMPLS))
-def test_gated_residual_adaln(gpu_bench, impl, B, N, D):
-    gated = IMPLS[impl][1]
-    x, y = (torch.randn(B, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    gate, shift, scale = (torch.randn(B, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    with torch.no_grad():
-        gpu_bench(lambda: gated(x, y, gate, shift, scale), group="gated_adaln.fwd", impl=impl,
-                  shape=f"{B}x{N}x{D}", bytes=4 * x.numel() * x.element_size())
+        gpu_bench(lambda: torch.autograd.grad(fn(*inputs), inputs, cot), **kwargs)

@@ -80,3 +80,23 @@ def assert_close_to_reference(actual: Tensor, reference: Tensor, reference64: Te
     if not result.ok:
         raise AssertionError(str(result))
     return result
+
+
+def straight_through_round(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` (float64) with its value rounded to ``dtype`` but an identity gradient in float64.
+
+    For float64 truths of ops whose definition rounds an intermediate (the gated residual x' is stored
+    in x's dtype before it is normalised): ``t.to(dtype)`` would also round the gradient."""
+    return t + (t.to(dtype).to(t.dtype) - t).detach()
+
+
+def gated_residual_adaln_float64(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
+                                 eps: float = 1e-6, residual_dtype: Optional[torch.dtype] = None):
+    """float64 truth of ``gated_residual_adaln``: x' rounded to ``residual_dtype`` (x's dtype in the op)
+    as the op defines, everything else exact. Inputs are float64 tensors (leaves for autograd)."""
+    from fastdit.ops.adaln import adaln_modulate_ref, per_token
+
+    x_new = x + per_token(gate) * y
+    if residual_dtype is not None:
+        x_new = straight_through_round(x_new, residual_dtype)
+    return x_new, adaln_modulate_ref(x_new, shift, scale, eps)

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from fastdit.modules.norms import RMSNorm
 from fastdit.ops.attention import joint_attention
-from fastdit.ops.rotary import rope
+from fastdit.ops.qk_norm_rope import qk_norm_rope
 
 
 class JointAttention(nn.Module):
@@ -33,6 +33,7 @@ class JointAttention(nn.Module):
             raise ValueError(f"JointAttention: dim {dim} is not divisible by num_heads {num_heads}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.joint, self.qk_norm, self.rope_interleaved, self.backend = joint, qk_norm, rope_interleaved, backend
+        self.eps = eps
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         if qk_norm:
@@ -50,11 +51,10 @@ class JointAttention(nn.Module):
         B, N, _ = x.shape
         # Feature order of the projection is (3, heads, head_dim), as in DiT/timm and Flux.
         q, k, v = qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # (B, N, H, d) views
-        if q_norm is not None:
-            q, k = q_norm(q), k_norm(k)
-        if freqs is not None:
-            q = rope(q, freqs, self.rope_interleaved, backend=self.backend)
-            k = rope(k, freqs, self.rope_interleaved, backend=self.backend)
+        if q_norm is not None or freqs is not None:  # QK-norm and RoPE of q and k: one fused op
+            q, k = qk_norm_rope(q, k, None if q_norm is None else q_norm.weight,
+                                None if k_norm is None else k_norm.weight, freqs,
+                                self.eps, self.rope_interleaved, backend=self.backend)
         return q, k, v
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None, txt_mask: Optional[Tensor] = None,

@@ -67,6 +67,14 @@ def triton_device_reason(*tensors: Optional[torch.Tensor]) -> Optional[str]:
     return f"tensors are on {device}; Triton kernels run on CUDA (or on CPU with TRITON_INTERPRET=1)"
 
 
+def kernel_can_run(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a library op's implementation launches its Triton kernel for these tensors (CUDA, or CPU
+    under the interpreter; float16/bfloat16/float32). Otherwise it computes with the reference math
+    (float64 gradcheck, say). The interpreter must be on before the kernels are imported."""
+    return triton_device_reason(*tensors) is None and all(
+        t.dtype in TRITON_DTYPES for t in tensors if t is not None)
+
+
 def triton_dtype_reason(**tensors: Optional[torch.Tensor]) -> Optional[str]:
     bad = [f"{name} has dtype {t.dtype}" for name, t in tensors.items() if t is not None and t.dtype not in TRITON_DTYPES]
     if bad:

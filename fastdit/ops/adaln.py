@@ -20,11 +20,12 @@ import torch
 from torch import Tensor
 
 from fastdit.ops._common import (check, check_floating, check_same_device, compute_dtype, join_reasons,
-                                 owned_outputs, shape_str, triton_device_reason, triton_dtype_reason, use_triton)
+                                 kernel_can_run, owned_outputs, shape_str, triton_device_reason,
+                                 triton_dtype_reason, use_triton)
 
-# Set once a Triton kernel backs the library op on CUDA; until then "auto" picks the reference.
-KERNEL_READY = False
-# Largest feature size the Triton kernel is specified for (one row per program).
+# A Triton kernel backs the library op (fastdit.kernels.adaln): "auto" takes it on CUDA.
+KERNEL_READY = True
+# Largest feature size the Triton kernel takes (a whole row lives in one program's registers).
 MAX_TRITON_D = 16384
 
 
@@ -108,11 +109,14 @@ def adaln_modulate_backward_ref(dy: Tensor, x: Tensor, shift: Tensor, scale: Ten
 
 # --------------------------------------------------------------------------------------------------
 # torch.library op: opaque to torch.compile (no graph break), autograd through a backward op.
-# The implementation is the reference math until the Triton kernel lands (fastdit.kernels).
+# It launches the Triton kernel where one can run, and computes with the reference math elsewhere.
 
 
 @torch.library.custom_op("fastdit::adaln_modulate", mutates_args=())
 def _adaln_modulate_op(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    if kernel_can_run(x, shift, scale):
+        from fastdit.kernels.adaln import adaln_fwd
+        return adaln_fwd(x, shift, scale, eps)
     return owned_outputs(_adaln_forward_math(x, shift, scale, eps), (x, shift, scale))
 
 
@@ -127,6 +131,9 @@ def _(x, shift, scale, eps):
 @torch.library.custom_op("fastdit::adaln_modulate_backward", mutates_args=())
 def _adaln_modulate_backward_op(dy: Tensor, x: Tensor, shift: Tensor, scale: Tensor, mean: Tensor,
                                 rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    if kernel_can_run(dy, x, shift, scale):
+        from fastdit.kernels.adaln import adaln_bwd
+        return adaln_bwd(dy, x, shift, scale, mean, rstd)
     return owned_outputs(adaln_modulate_backward_ref(dy, x, shift, scale, mean, rstd),
                          (dy, x, shift, scale, mean, rstd))
 

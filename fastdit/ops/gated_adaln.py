@@ -16,11 +16,12 @@ import torch
 from torch import Tensor
 
 from fastdit.ops._common import (check, check_floating, check_same_device, compute_dtype, join_reasons,
-                                 owned_outputs, shape_str, triton_device_reason, triton_dtype_reason, use_triton)
+                                 kernel_can_run, owned_outputs, shape_str, triton_device_reason,
+                                 triton_dtype_reason, use_triton)
 from fastdit.ops.adaln import (MAX_TRITON_D, _adaln_forward_math, check_modulation_inputs,
                                layer_norm_modulate_backward_math, per_token, reduce_to)
 
-KERNEL_READY = False  # see fastdit.ops.adaln.KERNEL_READY
+KERNEL_READY = True  # fastdit.kernels.adaln, gated form
 
 _OP = "gated_residual_adaln"
 
@@ -67,6 +68,9 @@ def gated_residual_adaln_backward_ref(dx_new: Tensor, dout: Tensor, x_new: Tenso
 @torch.library.custom_op("fastdit::gated_residual_adaln", mutates_args=())
 def _gated_op(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float
               ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    if kernel_can_run(x, y, gate, shift, scale):
+        from fastdit.kernels.adaln import adaln_fwd
+        return adaln_fwd(x, shift, scale, eps, res=y, gate=gate)
     return owned_outputs(_gated_forward_math(x, y, gate, shift, scale, eps), (x, y, gate, shift, scale))
 
 
@@ -82,6 +86,9 @@ def _(x, y, gate, shift, scale, eps):
 def _gated_backward_op(dx_new: Tensor, dout: Tensor, x_new: Tensor, y: Tensor, gate: Tensor, shift: Tensor,
                        scale: Tensor, mean: Tensor, rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     inputs = (dx_new, dout, x_new, y, gate, shift, scale, mean, rstd)
+    if kernel_can_run(dx_new, dout, x_new, y, gate, shift, scale):
+        from fastdit.kernels.adaln import adaln_bwd
+        return adaln_bwd(dout, x_new, shift, scale, mean, rstd, res=y, gate=gate, dx_new=dx_new)
     return owned_outputs(gated_residual_adaln_backward_ref(*inputs), inputs)
 
 

@@ -14,9 +14,10 @@ import torch
 from torch import Tensor
 
 from fastdit.ops._common import (check, check_floating, check_same_device, compute_dtype, join_reasons,
-                                 owned_outputs, shape_str, triton_device_reason, triton_dtype_reason, use_triton)
+                                 kernel_can_run, owned_outputs, shape_str, triton_device_reason,
+                                 triton_dtype_reason, use_triton)
 
-KERNEL_READY = False  # see fastdit.ops.adaln.KERNEL_READY
+KERNEL_READY = True  # fastdit.kernels.qk_norm_rope, norm only
 MAX_TRITON_D = 16384
 _OP = "rms_norm"
 
@@ -56,8 +57,18 @@ def rms_norm_backward_ref(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -
     return dx.to(x.dtype), dweight.to(weight.dtype)
 
 
+def _as_heads(x: Tensor) -> Tensor:
+    """The kernel's (B, N, H, d) view of x (..., d): 4-D inputs as they are (any strides), others as
+    (1, rows, 1, d)."""
+    return x if x.dim() == 4 else x.reshape(1, -1, 1, x.shape[-1])
+
+
 @torch.library.custom_op("fastdit::rms_norm", mutates_args=())
 def _rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    if kernel_can_run(x, weight):
+        from fastdit.kernels.qk_norm_rope import qk_norm_rope_fwd
+        y, _, rstd, _ = qk_norm_rope_fwd(_as_heads(x), q_weight=weight, eps=eps)
+        return y.view(x.shape), rstd.view(x.shape[:-1])
     return owned_outputs(_forward_math(x, weight, eps), (x, weight))
 
 
@@ -69,6 +80,12 @@ def _(x, weight, eps):
 
 @torch.library.custom_op("fastdit::rms_norm_backward", mutates_args=())
 def _rms_norm_backward_op(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> Tuple[Tensor, Tensor]:
+    if kernel_can_run(dy, x, weight):
+        from fastdit.kernels.qk_norm_rope import qk_norm_rope_bwd
+        x4 = _as_heads(x)
+        dx, _, dweight, _ = qk_norm_rope_bwd(_as_heads(dy), None, x4, None, weight, None, None,
+                                             rstd.reshape(x4.shape[:-1]), None)
+        return dx.view(x.shape), dweight
     return owned_outputs(rms_norm_backward_ref(dy, x, weight, rstd), (dy, x, weight, rstd))
 
 

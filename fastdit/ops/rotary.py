@@ -23,9 +23,10 @@ import torch
 from torch import Tensor
 
 from fastdit.ops._common import (check, check_floating, check_same_device, compute_dtype, fail, join_reasons,
-                                 owned_outputs, shape_str, triton_device_reason, triton_dtype_reason, use_triton)
+                                 kernel_can_run, owned_outputs, shape_str, triton_device_reason,
+                                 triton_dtype_reason, use_triton)
 
-KERNEL_READY = False  # see fastdit.ops.adaln.KERNEL_READY
+KERNEL_READY = True  # fastdit.kernels.qk_norm_rope, rotation only
 _OP = "rope"
 
 
@@ -119,8 +120,15 @@ def rope_ref(x: Tensor, freqs: Tensor, interleaved: bool = True, inverse: bool =
     return _forward_math(x, freqs, interleaved, inverse)
 
 
+def _kernel_takes(x: Tensor, freqs: Tensor) -> bool:
+    return kernel_can_run(x) and freqs.dtype == torch.float32
+
+
 @torch.library.custom_op("fastdit::rope", mutates_args=())
 def _rope_op(x: Tensor, freqs: Tensor, interleaved: bool, inverse: bool) -> Tensor:
+    if _kernel_takes(x, freqs):
+        from fastdit.kernels.qk_norm_rope import qk_norm_rope_fwd
+        return qk_norm_rope_fwd(x, freqs=freqs, interleaved=interleaved, inverse=inverse)[0]
     return owned_outputs((_forward_math(x, freqs, interleaved, inverse),), (x, freqs))[0]
 
 
@@ -158,3 +166,31 @@ def rope(x: Tensor, freqs: Tensor, interleaved: bool = True, inverse: bool = Fal
     if use_triton(_OP, backend, lambda: triton_unsupported_reason(x, freqs), KERNEL_READY and x.is_cuda):
         return torch.ops.fastdit.rope(x, freqs, interleaved, inverse)
     return _forward_math(x, freqs, interleaved, inverse)
+
+
+@torch.library.custom_op("fastdit::rope_", mutates_args=("x",))
+def _rope_inplace_op(x: Tensor, freqs: Tensor, interleaved: bool, inverse: bool) -> None:
+    if _kernel_takes(x, freqs):
+        from fastdit.kernels.qk_norm_rope import qk_norm_rope_fwd
+        qk_norm_rope_fwd(x, freqs=freqs, interleaved=interleaved, inverse=inverse, inplace=True)
+    else:
+        x.copy_(_forward_math(x, freqs, interleaved, inverse))
+
+
+@_rope_inplace_op.register_fake
+def _(x, freqs, interleaved, inverse):
+    return None
+
+
+def rope_(x: Tensor, freqs: Tensor, interleaved: bool = True, inverse: bool = False, *,
+          backend: Optional[str] = None) -> Tensor:
+    """In-place RoPE for inference: rotates x (B, N, H, d) where it lies and returns it. Not
+    differentiable (use :func:`rope` in training)."""
+    _check_inputs(x, freqs)
+    if torch.is_grad_enabled() and x.requires_grad:
+        fail("rope_", "x requires grad: in-place RoPE is for inference; use fastdit.ops.rope in training")
+    if use_triton("rope_", backend, lambda: triton_unsupported_reason(x, freqs), KERNEL_READY and x.is_cuda):
+        torch.ops.fastdit.rope_(x, freqs, interleaved, inverse)
+    else:
+        x.copy_(_forward_math(x, freqs, interleaved, inverse))
+    return x

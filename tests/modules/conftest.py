@@ -116,15 +116,24 @@ class StockJointBlock(nn.Module):
 
 
 class OpRecorder(TorchDispatchMode):
-    """Records the names of the aten/custom ops that run."""
+    """Records the names of the aten/custom ops that run, and the storages of their tensor inputs."""
 
     def __init__(self):
         super().__init__()
         self.ops = []
+        self.input_storages = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func.overloadpacket))
+        flat = list(args) + list((kwargs or {}).values())
+        flat = [t for a in flat for t in (a if isinstance(a, (list, tuple)) else [a])]
+        self.input_storages.append({t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor)})
         return func(*args, **(kwargs or {}))
+
+    def ops_reading(self, tensor):
+        """Names of the ops that took ``tensor`` (or a view of it) as an input."""
+        ptr = tensor.untyped_storage().data_ptr()
+        return [op for op, storages in zip(self.ops, self.input_storages) if ptr in storages]
 
 
 def randomize_(module, std=0.2):

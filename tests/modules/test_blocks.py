@@ -44,11 +44,16 @@ def _grads_by_name(loss, inputs, module):
 
 
 def _check_like_stock(ours_out, stock_out_lowp, stock_out64, name):
-    """float64 runs must agree to rounding; low-precision runs follow the 2x rule against float64."""
+    """float64 runs must agree to rounding; low-precision runs follow the 2x rule against float64.
+
+    A whole block composes many ops, and its float32 error is noise that moves ~3x between seeds
+    (for the stock block too): the fp32 floor is 1e-5 of the magnitude here (1e-6 per op), still far
+    below what any wrong formula gives."""
     if ours_out.dtype == torch.float64:
         torch.testing.assert_close(ours_out, stock_out64, rtol=1e-9, atol=1e-9, msg=name)
     else:
-        assert_close_to_reference(ours_out, stock_out_lowp, stock_out64, name=name)
+        floor = 1e-5 if ours_out.dtype == torch.float32 else None
+        assert_close_to_reference(ours_out, stock_out_lowp, stock_out64, name=name, floor=floor)
 
 
 # The library ops ("triton") take float16/bfloat16/float32 only, so they run in float32 here.
@@ -107,21 +112,53 @@ def test_joint_block_matches_a_stock_mmdit_block(backend, dtype, N_img, N_txt, s
         _check_like_stock(grad, runs["stock"][3][name], runs["stock64"][3][name], "d" + name)
 
 
-@pytest.mark.parametrize("backend,expect_library_ops", [("reference", False), ("triton", True), ("auto", False)])
-def test_dispatch_goes_where_the_backend_says(backend, expect_library_ops, recorder, stock, device):
+LIBRARY_OPS = {  # fastdit.ops module -> the library ops a JointDiTBlock forward+backward runs
+    "adaln": {"fastdit.adaln_modulate", "fastdit.adaln_modulate_backward"},
+    "gated_adaln": {"fastdit.gated_residual_adaln", "fastdit.gated_residual_adaln_backward"},
+    "qk_norm_rope": {"fastdit.qk_norm_rope", "fastdit.qk_norm_rope_backward"},
+    "attention": {"fastdit.joint_attention", "fastdit.joint_attention_backward"},
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "auto"])
+def test_dispatch_goes_where_the_backend_says(backend, recorder, stock, device):
+    import importlib
+
     block = stock.randomize_(JointDiTBlock(64, 1, backend=backend)).to(device)
     args = (torch.randn(2, 4, 64, device=device), torch.randn(2, 3, 64, device=device),
             torch.randn(2, 64, device=device), torch.tensor([1, 3], device=device),
             rope_freqs_2d(2, 2, 64, device=device), None)
     with recorder() as rec:
         block(*args)[0].sum().backward()
-    fastdit_ops = {op for op in rec.ops if op.startswith("fastdit.")}
-    expected = {"fastdit.adaln_modulate", "fastdit.gated_residual_adaln", "fastdit.rms_norm", "fastdit.rope",
-                "fastdit.joint_attention", "fastdit.adaln_modulate_backward",
-                "fastdit.gated_residual_adaln_backward", "fastdit.rms_norm_backward",
-                "fastdit.joint_attention_backward"}
-    # "auto" uses the reference until kernels land; "triton" uses every library op
-    assert fastdit_ops == (expected if expect_library_ops else set())
+    ran = {op for op in rec.ops if op.startswith("fastdit.")}
+    if backend == "reference":
+        expected = set()
+    elif backend == "triton":
+        expected = set().union(*LIBRARY_OPS.values())
+    else:  # auto: the library op where a kernel exists, on CUDA only
+        expected = set().union(*(ops for name, ops in LIBRARY_OPS.items()
+                                 if importlib.import_module(f"fastdit.ops.{name}").KERNEL_READY
+                                 and device.type == "cuda"))
+    assert ran == expected
+
+
+def test_fast_path_dit_block_runs_no_unfused_norm_modulate_or_rope_ops(recorder, stock, device):
+    """Forward and backward of a DiT block (QK-norm and RoPE on) on the fast path: LayerNorm, modulate,
+    RMSNorm and rotation all happen inside fastdit's fused ops; no aten op of theirs runs."""
+    block = stock.randomize_(DiTBlock(128, 2, qk_norm=True, backend="triton"), std=0.05).to(device)
+    x = torch.randn(2, 16, 128, device=device, requires_grad=True)
+    c = torch.randn(2, 128, device=device)
+    freqs = rope_freqs_2d(4, 4, 64, device=device)
+    grad_out = torch.randn(2, 16, 128, device=device)
+    with recorder() as rec:
+        (block(x, c, freqs) * grad_out).sum().backward()
+    ran = set(rec.ops)
+    statistics = {"aten.native_layer_norm", "aten.layer_norm", "aten.native_layer_norm_backward", "aten.rsqrt",
+                  "aten.var_mean", "aten.var", "aten.mean", "aten.pow", "aten._fused_rms_norm"}
+    assert not ran & statistics, sorted(ran & statistics)
+    # the rotation (and its transpose in backward) happens only inside the fused ops
+    assert rec.ops_reading(freqs) == ["fastdit.qk_norm_rope", "fastdit.qk_norm_rope_backward"]
+    assert {"fastdit.adaln_modulate", "fastdit.gated_residual_adaln", "fastdit.qk_norm_rope"} <= ran
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

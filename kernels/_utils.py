@@ -1,0 +1,93 @@
+"""Small helpers shared by the launchers: output allocation (with a poison switch for tests), launch
+sizing, and the device's processor count."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+# Tests set this to True: every output buffer then starts as NaN (0x7F.. for integers is not needed:
+# outputs are floating point), so an element a kernel forgets to write cannot pass a comparison.
+POISON_OUTPUTS = False
+
+
+def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def processor_count(device: torch.device) -> int:
+    """Streaming multiprocessors on a GPU; a small fixed number under the CPU interpreter (it runs
+    programs one after another, so more programs only cost time — but several still exercise the
+    cross-program reductions)."""
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 2
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def warps_for(elements: int, lo: int = 1, hi: int = 16) -> int:
+    """Warps for a program holding ``elements`` values: about 8 per thread, as a power of two."""
+    return max(lo, min(hi, next_pow2(elements // 256)))
+
+
+@triton.jit
+def _sum_chunks_kernel(P, OUT0, OUT1, OUT2, BD, D, n_chunks, BLOCK: tl.constexpr):
+    """OUTk[b, d] = sum over c of P[k, b, c, d], in a fixed order (k = program_id(1))."""
+    k = tl.program_id(1)
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # i = b * D + d
+    ok = i < BD
+    i = i.to(tl.int64)
+    b = i // D
+    base = k.to(tl.int64) * BD * n_chunks + b * n_chunks * D + (i - b * D)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for c in range(0, n_chunks):
+        acc += tl.load(P + base + c * D, mask=ok, other=0.0)
+    if k == 0:
+        tl.store(OUT0 + i, to_dtype_rtne(acc, OUT0.dtype.element_ty), mask=ok)
+    elif k == 1:
+        tl.store(OUT1 + i, to_dtype_rtne(acc, OUT1.dtype.element_ty), mask=ok)
+    else:
+        tl.store(OUT2 + i, to_dtype_rtne(acc, OUT2.dtype.element_ty), mask=ok)
+
+
+def sum_chunks(partials: torch.Tensor, outs) -> None:
+    """outs[k][b, d] = partials[k, b, :, d].sum() in a fixed order (deterministic), in each out's dtype.
+
+    partials: fp32 (K, B, C, D) with K = len(outs) ≤ 3; outs: K tensors of B*D elements, contiguous.
+    """
+    K, B, C, D = partials.shape
+    if B * D == 0:
+        return
+    if C == 0:
+        for out in outs:
+            out.zero_()
+        return
+    block = 1024
+    _sum_chunks_kernel[(triton.cdiv(B * D, block), K)](
+        partials, outs[0], outs[min(1, K - 1)], outs[K - 1], B * D, D, C, BLOCK=block, num_warps=4)
+
+
+@triton.jit
+def to_dtype_rtne(x, dtype: tl.constexpr):
+    """fp32 ``x`` -> ``dtype``, rounding to nearest even.
+
+    Triton's CPU interpreter (3.9) truncates float32 -> bfloat16 (compiled GPU code rounds to
+    nearest even); rounding the bit pattern ourselves gives the same bits on both. NaN stays NaN;
+    values past the largest bfloat16 become inf, as in round-to-nearest."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    return x.to(dtype)

@@ -1,0 +1,229 @@
+"""Fused AdaLN modulation: LayerNorm (no affine) + per-sample or per-token scale/shift, optionally with
+the gated residual in front of it (the seam between two DiT sublayers).
+
+    plain:  out = LN(x) * (1 + scale) + shift
+    gated:  x' = x + gate * y  (stored in x's dtype);  out = LN(x') * (1 + scale) + shift
+
+Forward: one read of each input row, one write of each output row, plus fp32 mean and 1/std per row
+(M floats) for the backward. Backward: dx (and dy for the gated form) row by row; the per-sample
+dshift/dscale/dgate are sums over tokens, accumulated in fp32 per chunk of rows and then summed over
+chunks in a fixed order by a second small kernel — deterministic, no atomics.
+
+Shapes: x, y (B, N, D) with any strides; shift/scale/gate (B, D) or (B, N, D) with any strides;
+outputs are contiguous. Any D up to ``MAX_D``; any N ≥ 1.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from fastdit.kernels import _utils
+from fastdit.kernels._utils import to_dtype_rtne
+
+MAX_D = 16384
+
+
+@triton.jit
+def _adaln_fwd_kernel(
+    X, RES, GATE, SHIFT, SCALE,
+    OUT, XNEW, MEAN, RSTD,
+    M, N, D, eps,
+    s_xb, s_xn, s_xd, s_rb, s_rn, s_rd, s_gb, s_gn, s_gd,
+    s_hb, s_hn, s_hd, s_cb, s_cn, s_cd,
+    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < M
+    mask = row_ok[:, None] & (cols < D)[None, :]
+    rows = rows.to(tl.int64)
+    b = rows // N
+    n = rows - b * N
+    cols = cols.to(tl.int64)[None, :]
+    x = tl.load(X + (b * s_xb + n * s_xn)[:, None] + cols * s_xd, mask=mask, other=0.0).to(tl.float32)
+    if GATED:
+        r = tl.load(RES + (b * s_rb + n * s_rn)[:, None] + cols * s_rd, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(GATE + (b * s_gb + n * s_gn)[:, None] + cols * s_gd, mask=mask, other=0.0).to(tl.float32)
+        x_new = to_dtype_rtne(x + g * r, XNEW.dtype.element_ty)
+        tl.store(XNEW + rows[:, None] * D + cols, x_new, mask=mask)
+        x = x_new.to(tl.float32)  # normalise the residual as stored, so out == LN-modulate(x')
+    mean = tl.sum(x, axis=1) / D
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    shift = tl.load(SHIFT + (b * s_hb + n * s_hn)[:, None] + cols * s_hd, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + (b * s_cb + n * s_cn)[:, None] + cols * s_cd, mask=mask, other=0.0).to(tl.float32)
+    out = xc * rstd[:, None] * (1.0 + scale) + shift
+    tl.store(OUT + rows[:, None] * D + cols, to_dtype_rtne(out, OUT.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=row_ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _adaln_bwd_kernel(
+    DOUT, DXNEW, X, RES, GATE, SCALE, MEAN, RSTD,
+    DX, DRES, DGATE, DSHIFT, DSCALE,
+    N, D, rows_per_chunk, n_chunks,
+    s_ob, s_on, s_od, s_nb, s_nn, s_nd, s_xb, s_xn, s_xd, s_rb, s_rn, s_rd,
+    s_gb, s_gn, s_gd, s_cb, s_cn, s_cd,
+    GATED: tl.constexpr, PER_TOKEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program (b, chunk) handles tokens [chunk*rows_per_chunk, …) of sample b. Per-sample modulation
+    gradients go to partials[k, b, chunk, :] (k = shift, scale, gate); per-token ones are stored."""
+    b = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    n_begin = chunk * rows_per_chunk
+    n_end = tl.minimum(n_begin + rows_per_chunk, N)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = offs_d < D
+    cols = offs_d.to(tl.int64)[None, :]
+    if not PER_TOKEN:  # the sample's modulation row, loaded once
+        scale_row = tl.load(SCALE + b * s_cb + cols * s_cd, mask=col_ok[None, :], other=0.0).to(tl.float32)
+        if GATED:
+            gate_row = tl.load(GATE + b * s_gb + cols * s_gd, mask=col_ok[None, :], other=0.0).to(tl.float32)
+    acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for n0 in range(n_begin, n_end, BLOCK_M):
+        n = n0 + tl.arange(0, BLOCK_M)
+        row_ok = n < n_end
+        mask = row_ok[:, None] & col_ok[None, :]
+        n = n.to(tl.int64)
+        rows = b * N + n
+        dout = tl.load(DOUT + (b * s_ob + n * s_on)[:, None] + cols * s_od, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + (b * s_xb + n * s_xn)[:, None] + cols * s_xd, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if PER_TOKEN:
+            scale = tl.load(SCALE + (b * s_cb + n * s_cn)[:, None] + cols * s_cd, mask=mask, other=0.0)
+            scale = scale.to(tl.float32)
+        else:
+            scale = scale_row
+        g = dout * (1.0 + scale)
+        mean_g = tl.sum(g, axis=1) / D
+        mean_gx = tl.sum(g * xhat, axis=1) / D
+        dx = tl.where(mask, rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None]), 0.0)
+        if GATED:
+            dx += tl.load(DXNEW + (b * s_nb + n * s_nn)[:, None] + cols * s_nd, mask=mask, other=0.0).to(tl.float32)
+            r = tl.load(RES + (b * s_rb + n * s_rn)[:, None] + cols * s_rd, mask=mask, other=0.0).to(tl.float32)
+            if PER_TOKEN:
+                gate = tl.load(GATE + (b * s_gb + n * s_gn)[:, None] + cols * s_gd, mask=mask, other=0.0)
+                gate = gate.to(tl.float32)
+            else:
+                gate = gate_row
+            dres = to_dtype_rtne(gate * dx, DRES.dtype.element_ty)
+            tl.store(DRES + rows[:, None] * D + cols, dres, mask=mask)
+        tl.store(DX + rows[:, None] * D + cols, to_dtype_rtne(dx, DX.dtype.element_ty), mask=mask)
+        if PER_TOKEN:
+            dshift = to_dtype_rtne(dout, DSHIFT.dtype.element_ty)
+            tl.store(DSHIFT + rows[:, None] * D + cols, dshift, mask=mask)
+            dscale = to_dtype_rtne(dout * xhat, DSCALE.dtype.element_ty)
+            tl.store(DSCALE + rows[:, None] * D + cols, dscale, mask=mask)
+            if GATED:
+                tl.store(DGATE + rows[:, None] * D + cols, to_dtype_rtne(r * dx, DGATE.dtype.element_ty), mask=mask)
+        else:
+            acc_shift += tl.sum(dout, axis=0)
+            acc_scale += tl.sum(dout * xhat, axis=0)
+            if GATED:
+                acc_gate += tl.sum(r * dx, axis=0)
+    if not PER_TOKEN:
+        # partials: (K, B, n_chunks, D) fp32, K = 2 (shift, scale) or 3 (+ gate); DSHIFT is its base
+        plane = tl.num_programs(0).to(tl.int64) * n_chunks * D
+        at = (b * n_chunks + chunk) * D + offs_d
+        tl.store(DSHIFT + at, acc_shift, mask=col_ok)
+        tl.store(DSHIFT + plane + at, acc_scale, mask=col_ok)
+        if GATED:
+            tl.store(DSHIFT + 2 * plane + at, acc_gate, mask=col_ok)
+
+
+# ------------------------------------------------------------------------------------------ launchers
+
+def _mod_strides(t: torch.Tensor):
+    """(stride_b, stride_n, stride_d) of a (B, D) or (B, N, D) modulation tensor; 0 over tokens for (B, D)."""
+    if t.dim() == 2:
+        return t.stride(0), 0, t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _fwd_config(D: int) -> Tuple[int, int, int]:
+    block_d = _utils.next_pow2(D)
+    block_m = max(1, min(16, 2048 // block_d))
+    return block_m, block_d, _utils.warps_for(block_m * block_d, lo=4)
+
+
+def adaln_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+              res: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None):
+    """LN-modulate forward. Without ``res``/``gate``: returns (out, mean, rstd). With them (the gated
+    residual): returns (x_new, out, mean, rstd). mean/rstd are fp32 (B, N)."""
+    B, N, D = x.shape
+    assert D <= MAX_D, f"D = {D} > {MAX_D}"
+    gated = res is not None
+    M = B * N
+    out = _utils.new_empty((B, N, D), x.dtype, x.device)
+    x_new = _utils.new_empty((B, N, D), x.dtype, x.device) if gated else out
+    mean = _utils.new_empty((B, N), torch.float32, x.device)
+    rstd = _utils.new_empty((B, N), torch.float32, x.device)
+    block_m, block_d, warps = _fwd_config(D)
+    r, g = (res, gate) if gated else (x, shift)
+    r_strides = r.stride() if gated else (0, 0, 0)
+    g_strides = _mod_strides(g) if gated else (0, 0, 0)
+    if M > 0:
+        _adaln_fwd_kernel[(triton.cdiv(M, block_m),)](
+            x, r, g, shift, scale, out, x_new, mean, rstd, M, N, D, eps,
+            *x.stride(), *r_strides, *g_strides, *_mod_strides(shift), *_mod_strides(scale),
+            GATED=gated, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)
+    return (x_new, out, mean, rstd) if gated else (out, mean, rstd)
+
+
+def _bwd_config(B: int, N: int, D: int, device: torch.device, programs_per_sm: int):
+    block_d = _utils.next_pow2(D)
+    block_m = max(1, min(16, 2048 // block_d))
+    target = programs_per_sm * _utils.processor_count(device)
+    chunks = max(1, min(triton.cdiv(N, block_m), triton.cdiv(target, max(B, 1))))
+    rows_per_chunk = max(block_m, triton.cdiv(triton.cdiv(N, chunks), block_m) * block_m)
+    chunks = triton.cdiv(N, rows_per_chunk)  # 0 when N == 0: nothing to launch, the sums are zero
+    return block_m, block_d, chunks, rows_per_chunk, _utils.warps_for(block_m * block_d, lo=4)
+
+
+def adaln_bwd(dout: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+              mean: torch.Tensor, rstd: torch.Tensor, *, res: Optional[torch.Tensor] = None,
+              gate: Optional[torch.Tensor] = None, dx_new: Optional[torch.Tensor] = None,
+              programs_per_sm: int = 2):
+    """LN-modulate backward. ``x`` is what was normalised (x' for the gated form).
+
+    Plain: returns (dx, dshift, dscale). Gated (``res``, ``gate``, ``dx_new`` given): returns
+    (dx, dres, dgate, dshift, dscale), where dx = dx_new + the LayerNorm path and dres = gate * dx.
+    """
+    B, N, D = x.shape
+    gated = res is not None
+    per_token = shift.dim() == 3
+    device = x.device
+    block_m, block_d, chunks, rows_per_chunk, warps = _bwd_config(B, N, D, device, programs_per_sm)
+    dx = _utils.new_empty((B, N, D), x.dtype, device)
+    dres = _utils.new_empty((B, N, D), res.dtype, device) if gated else dx
+    mods = [shift, scale] + ([gate] if gated else [])
+    if per_token:
+        grads = [_utils.new_empty((B, N, D), m.dtype, device) for m in mods]
+        d_shift, d_scale = grads[0], grads[1]
+        d_gate = grads[2] if gated else d_shift
+    else:
+        partials = _utils.new_empty((len(mods), B, chunks, D), torch.float32, device)
+        d_shift = d_scale = d_gate = partials
+    n_strides = dx_new.stride() if gated else (0, 0, 0)
+    r_strides = res.stride() if gated else (0, 0, 0)
+    g_strides = _mod_strides(gate) if gated else (0, 0, 0)
+    if B * N > 0:
+        _adaln_bwd_kernel[(B, chunks)](
+            dout, dx_new if gated else dout, x, res if gated else x, gate if gated else scale, scale, mean, rstd,
+            dx, dres, d_gate, d_shift, d_scale, N, D, rows_per_chunk, chunks,
+            *dout.stride(), *n_strides, *x.stride(), *r_strides, *g_strides, *_mod_strides(scale),
+            GATED=gated, PER_TOKEN=per_token, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)
+    if not per_token:
+        grads = [_utils.new_empty((B, D), m.dtype, device) for m in mods]
+        _utils.sum_chunks(partials, grads)
+    if gated:
+        return (dx, dres, grads[2], grads[0], grads[1])
+    return (dx, grads[0], grads[1])

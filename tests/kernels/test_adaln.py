@@ -1,0 +1,144 @@
+"""Triton AdaLN kernels (plain and gated): forward and every gradient against float64 under the 2x rule,
+odd sizes, mixed dtypes, strided inputs, poisoned outputs, deterministic backward."""
+import pytest
+import torch
+from torch.library import opcheck
+
+from fastdit.kernels.adaln import adaln_bwd, adaln_fwd
+from fastdit.ops import adaln_modulate, adaln_modulate_ref, gated_residual_adaln, gated_residual_adaln_ref
+from fastdit.testing import assert_close_to_reference, gated_residual_adaln_float64
+
+SIZES = [(N, D) for D in (72, 123, 1152, 3072) for N in (1, 7, 257)]
+
+
+def slow_on_cpu(N=1, D=1, **_):
+    """The interpreter's cost grows with the elements here (rows are blocked per program)."""
+    return N * D > 257 * 123
+# (x dtype, modulation dtype): same dtype; bf16 activations with fp32 modulation (DiT training);
+# fp32 residual with bf16 modulation and y (under bf16 autocast)
+DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+          (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)]
+DTYPE_IDS = ["fp32", "bf16", "fp16", "bf16-fp32mod", "fp32-bf16mod"]
+
+
+def _inputs(B, N, D, x_dtype, mod_dtype, per_token, device, gated):
+    mshape = (B, N, D) if per_token else (B, D)
+    x = (torch.randn(B, N, D, device=device) * 2 + 0.3).to(x_dtype)
+    mods = [(torch.randn(mshape, device=device) * 0.5).to(mod_dtype) for _ in range(3 if gated else 2)]
+    y = [torch.randn(B, N, D, device=device).to(mod_dtype)] if gated else []
+    return [t.requires_grad_() for t in [x] + y + mods]
+
+
+def _check(fn, ref_fn, inputs, names, truth_fn=None):
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    outs, refs, refs64 = fn(*inputs), ref_fn(*inputs), (truth_fn or ref_fn)(*inputs64)
+    outs, refs, refs64 = ((o,) if isinstance(o, torch.Tensor) else o for o in (outs, refs, refs64))
+    for i, (o, r, r64) in enumerate(zip(outs, refs, refs64)):
+        assert o.dtype == r.dtype and o.is_contiguous()
+        assert_close_to_reference(o, r, r64, name=f"out{i}")
+    cot = [torch.randn_like(o) for o in outs]
+    grads = torch.autograd.grad(outs, inputs, cot)
+    grads_ref = torch.autograd.grad(refs, inputs, cot)
+    grads64 = torch.autograd.grad(refs64, inputs64, [c.double() for c in cot])
+    for g, gr, g64, name in zip(grads, grads_ref, grads64, names):
+        assert g.dtype == gr.dtype
+        assert_close_to_reference(g, gr, g64, name="d" + name)
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["per-sample", "per-token"])
+@pytest.mark.parametrize("N,D", SIZES)
+def test_adaln_modulate_sizes(N, D, per_token, device):
+    inputs = _inputs(2, N, D, torch.bfloat16, torch.float32, per_token, device, gated=False)
+    _check(lambda *a: adaln_modulate(*a, backend="triton"), adaln_modulate_ref, inputs, ["x", "shift", "scale"])
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["per-sample", "per-token"])
+@pytest.mark.parametrize("N,D", SIZES)
+def test_gated_residual_adaln_sizes(N, D, per_token, device):
+    inputs = _inputs(2, N, D, torch.bfloat16, torch.float32, per_token, device, gated=True)
+    _check_gated(inputs)
+
+
+def _check_gated(inputs):
+    """The float64 truth rounds x' to x's dtype, as the op defines (see gated_residual_adaln_float64)."""
+    x_dtype = inputs[0].dtype
+    _check(lambda *a: gated_residual_adaln(*a, backend="triton"), gated_residual_adaln_ref, inputs,
+           ["x", "y", "gate", "shift", "scale"],
+           truth_fn=lambda *a: gated_residual_adaln_float64(*a, residual_dtype=x_dtype))
+
+
+@pytest.mark.parametrize("x_dtype,mod_dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_dtypes(x_dtype, mod_dtype, gated, device):
+    inputs = _inputs(3, 37, 123, x_dtype, mod_dtype, False, device, gated)
+    if gated:
+        _check_gated(inputs)
+    else:
+        _check(lambda *a: adaln_modulate(*a, backend="triton"), adaln_modulate_ref, inputs, ["x", "shift", "scale"])
+
+
+def test_strided_inputs_and_gradients(device):
+    """x transposed, modulation as chunks of one AdaLN projection (row stride 6D), an expanded
+    (stride-0) output gradient: the kernels read strides and write contiguous outputs."""
+    B, N, D = 2, 9, 72
+    x = torch.randn(B, D, N, device=device, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    y = torch.randn(B, N, 2 * D, device=device, dtype=torch.bfloat16)[..., ::2].requires_grad_()
+    ada = torch.randn(B, 6 * D, device=device, requires_grad=True)
+    shift, scale, gate = ada[:, :D], ada[:, 2 * D:3 * D], ada[:, 4 * D:5 * D]
+    assert not x.is_contiguous() and not y.is_contiguous() and not shift.is_contiguous()
+    _check_gated([x, y, gate, shift, scale])
+    out = adaln_modulate(x, shift, scale, backend="triton")
+    ref = adaln_modulate_ref(x, shift, scale)
+    g = torch.autograd.grad(out.sum(), (x, ada))  # d(sum)/d(out) is an expanded scalar: all strides 0
+    g_ref = torch.autograd.grad(ref.sum(), (x, ada))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_launchers_write_every_output_element(device):
+    """With outputs poisoned (conftest), any element left unwritten would be NaN."""
+    for per_token in (False, True):
+        x, shift, scale = (t.detach() for t in _inputs(3, 37, 123, torch.bfloat16, torch.float32, per_token,
+                                                       device, gated=False))
+        outs = adaln_fwd(x, shift, scale, 1e-6)
+        outs += adaln_bwd(torch.randn_like(x), x, shift, scale, outs[1], outs[2])
+        y, gate = torch.randn_like(x), torch.randn_like(shift)
+        gated = adaln_fwd(x, shift, scale, 1e-6, res=y, gate=gate)
+        outs += gated + adaln_bwd(torch.randn_like(x), gated[0], shift, scale, gated[2], gated[3], res=y, gate=gate,
+                                  dx_new=torch.randn_like(x))
+        for t in outs:
+            assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_backward_is_bitwise_deterministic(gated, device):
+    """The per-sample reductions use fixed-order partial sums: 20 backward passes are bitwise equal."""
+    N = 600 if device.type == "cuda" else 37  # several chunks per sample either way
+    inputs = _inputs(2, N, 1152 if device.type == "cuda" else 123, torch.bfloat16, torch.float32, False, device, gated)
+    fn = (lambda *a: gated_residual_adaln(*a, backend="triton")) if gated else \
+        (lambda *a: adaln_modulate(*a, backend="triton"))
+    outs = fn(*inputs)
+    outs = (outs,) if isinstance(outs, torch.Tensor) else outs
+    cot = [torch.randn_like(o) for o in outs]
+    first = torch.autograd.grad(outs, inputs, cot, retain_graph=True)
+    for _ in range(19):
+        again = torch.autograd.grad(outs, inputs, cot, retain_graph=True)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+def test_empty_inputs(device):
+    x = torch.randn(2, 0, 72, device=device)
+    shift, scale = torch.randn(2, 72, device=device, requires_grad=True), torch.randn(2, 72, device=device)
+    out = adaln_modulate(x, shift, scale, backend="triton")
+    assert out.shape == (2, 0, 72)
+    (dshift,) = torch.autograd.grad(out.sum(), shift)
+    assert torch.equal(dshift, torch.zeros_like(dshift))
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_opcheck_on_the_kernel_path(per_token, device):
+    x, shift, scale = _inputs(2, 5, 72, torch.bfloat16, torch.float32, per_token, device, gated=False)
+    opcheck(torch.ops.fastdit.adaln_modulate.default, (x, shift, scale, 1e-6))
+    x, y, gate, shift, scale = _inputs(2, 5, 72, torch.bfloat16, torch.float32, per_token, device, gated=True)
+    opcheck(torch.ops.fastdit.gated_residual_adaln.default, (x, y, gate, shift, scale, 1e-6))

@@ -1,0 +1,35 @@
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from fastdit.kernels import _utils
+
+
+@triton.jit
+def _convert_kernel(X, Y, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.store(Y + i, _utils.to_dtype_rtne(tl.load(X + i, mask=i < n), Y.dtype.element_ty), mask=i < n)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # 3.4e38 -> fp16 inf, on purpose
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_downcast_rounds_to_nearest_even_like_torch(dtype, device):
+    special = torch.tensor([0.0, -0.0, 1.0, 1.00390625, 1.01171875, 1.0 + 2**-9, 3.3895e38, 3.4e38, -3.4e38,
+                            float("inf"), float("-inf"), float("nan"), 1e-40, -1e-39, 65504.0, 65520.0])
+    x = torch.cat([special, torch.randn(4000) * 10.0 ** torch.randint(-8, 8, (4000,))]).to(device)
+    y = torch.empty(x.numel(), dtype=dtype, device=device)
+    _convert_kernel[(1,)](x, y, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    want = x.to(dtype)
+    same = (y == want) | (y.isnan() & want.isnan())
+    if device.type == "cpu":  # the interpreter mangles float32 subnormal inputs (< 1.2e-38) on its own
+        same |= x.abs() < torch.finfo(torch.float32).tiny
+    assert same.all(), (x[~same][:5], y[~same][:5], want[~same][:5])
+
+
+def test_sum_chunks_is_a_fixed_order_sum(device):
+    partials = torch.randn(3, 4, 7, 5, device=device)
+    outs = [torch.empty(4, 5, device=device, dtype=dt) for dt in (torch.float32, torch.bfloat16, torch.float16)]
+    _utils.sum_chunks(partials, outs)
+    for k, out in enumerate(outs):
+        torch.testing.assert_close(out.float(), partials[k].sum(1).to(out.dtype).float())
