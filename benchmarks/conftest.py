@@ -58,15 +58,17 @@ def ceilings():
 
 @pytest.fixture
 def gpu_bench(benchmark, ceilings):
-    """``gpu_bench(fn, group=, impl=, shape=, bytes=None, flops=None, graph=True, **extra) -> Result``.
+    """``gpu_bench(build, group=, impl=, shape=, bytes=None, flops=None, graph=True, **extra) -> Result``.
 
-    With ``graph=True`` the callable is also timed as CUDA-graph replays (``ms_graph``)."""
+    ``build()`` makes the callable to time (called again on the capture stream for ``ms_graph``, the
+    CUDA-graph replay figure, when ``graph=True``)."""
 
-    def run(fn: Callable[[], object], *, group: str, impl: str, shape: str, bytes: Optional[float] = None,
-            flops: Optional[float] = None, graph: bool = True, **extra) -> Result:
+    def run(build: Callable[[], Callable[[], object]], *, group: str, impl: str, shape: str,
+            bytes: Optional[float] = None, flops: Optional[float] = None, graph: bool = True, **extra) -> Result:
+        fn = build()
         ms, p20, p80 = time_cuda(fn)
         result = Result(group=group, impl=impl, shape=shape, ms=ms, ms_p20=p20, ms_p80=p80, bytes=bytes,
-                        flops=flops, extra=extra, ms_graph=time_cuda_graph(fn) if graph else None)
+                        flops=flops, extra=extra, ms_graph=time_cuda_graph(build) if graph else None)
         if bytes is not None:
             result.GBps = bytes / ms / 1e6
             result.fraction_of_ceiling = result.GBps / ceilings["copy_GBps"]

@@ -44,16 +44,49 @@ def time_cuda(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 1
     return float(median), float(p20), float(p80)
 
 
-def time_cuda_graph(fn: Callable[[], object], rep_ms: float = 100) -> Optional[float]:
-    """Median ms of ``fn`` replayed from a CUDA graph: the GPU time alone, without the host's launch
-    and dispatch overhead. None when ``fn`` cannot be captured."""
-    from triton.testing import do_bench_cudagraph
+def time_cuda_graph(build: Callable[[], Callable[[], object]], calls: int = 20, replays: int = 15
+                    ) -> Optional[float]:
+    """Median ms of one call replayed from a CUDA graph: the GPU time alone, without the host's launch
+    and dispatch overhead, with L2 flushed before every call (as do_bench does).
 
+    ``build()`` returns the callable; it runs on the capture stream (a backward must run on the stream
+    its forward ran on). Each replay runs [flush, fn] × ``calls``; a second graph of flushes alone is
+    subtracted. None when ``fn`` cannot be captured (a host sync, say)."""
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
     try:
-        return float(do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
-    except Exception:  # capture refused (host sync, allocator state…): report no figure, not a wrong one
+        with torch.cuda.stream(stream):
+            fn = build()
+            for _ in range(3):  # warm-up: compilation, allocator, autotuning
+                fn()
+            stream.synchronize()
+            graphs = []
+            for with_fn in (True, False):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=stream):
+                    for _ in range(calls):
+                        flush.zero_()
+                        if with_fn:
+                            fn()
+                graphs.append(graph)
+        torch.cuda.synchronize()
+    except Exception:  # capture refused: report no figure rather than a wrong one
         torch.cuda.synchronize()
         return None
+    medians = []
+    for graph in graphs:
+        graph.replay()  # warm
+        times = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        medians.append(sorted(times)[len(times) // 2])
+    return max(medians[0] - medians[1], 0.0) / calls
 
 
 def environment() -> Dict[str, object]:
@@ -89,7 +122,6 @@ def measure_copy_bandwidth() -> float:
     x = torch.randn(2**29, device="cuda", dtype=torch.bfloat16)
     y = torch.empty_like(x)
     ms, _, _ = time_cuda(lambda: y.copy_(x), rep_ms=200)
-    del x, y
     return 2 * 2**30 / ms / 1e6
 
 
@@ -98,7 +130,6 @@ def measure_matmul_rate(n: int = 8192) -> float:
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     ms, _, _ = time_cuda(lambda: a @ b, rep_ms=300)
-    del a, b
     return 2 * n**3 / ms / 1e9
 
 

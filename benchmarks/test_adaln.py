@@ -48,8 +48,8 @@ IMPLS = {  # name -> {"plain": fn, "gated": fn}; every peer is measured in the s
                       "gated": torch.compile(stock_gated, dynamic=False)},
     "compile-fastdit-reference": {"plain": torch.compile(reference_modulate, dynamic=False),
                                   "gated": torch.compile(reference_gated, dynamic=False)},
-    ("fastdit-triton" if adaln.KERNEL_READY else "fastdit-op-reference-math"): {"plain": triton_modulate,
-                                                                                 "gated": triton_gated},
+    ("fastdit-triton" if adaln.KERNEL_READY else "fastdit-op-reference-math"): {
+        "plain": triton_modulate, "gated": triton_gated},
 }
 
 
@@ -71,14 +71,32 @@ def test_adaln(gpu_bench, form, direction, impl, B, N, D):
     x_bytes = inputs[0].numel() * inputs[0].element_size()
     kwargs = dict(group=f"{'adaln' if form == 'plain' else 'gated_adaln'}.{direction}", impl=impl,
                   shape=f"{B}x{N}x{D}", bytes=PASSES[form][direction] * x_bytes)
-    if direction == "fwd":
-        with torch.no_grad():
-            gpu_bench(lambda: fn(*inputs), **kwargs)
-        return
-    outs = fn(*inputs)
+
+    def build():
+        if direction == "fwd":
+            return lambda: _no_grad(fn, inputs)
+        if direction == "fwd+bwd":
+            return lambda: _grad(fn(*inputs), inputs)
+        outs = fn(*inputs)  # bwd alone: the forward runs once, on the stream that will replay the backward
+        return lambda: _grad(outs, inputs, retain_graph=True)
+
+    gpu_bench(build, **kwargs)
+
+
+def _no_grad(fn, inputs):
+    with torch.no_grad():
+        return fn(*inputs)
+
+
+_COTANGENTS = {}
+
+
+def _grad(outs, inputs, retain_graph=False):
+    """Gradients of ``outs`` with fixed random cotangents (made once per output shape, not per call)."""
     outs = (outs,) if isinstance(outs, torch.Tensor) else outs
-    cot = [torch.randn_like(o) for o in outs]
-    if direction == "bwd":
-        gpu_bench(lambda: torch.autograd.grad(outs, inputs, cot, retain_graph=True), **kwargs)
-    else:
-        gpu_bench(lambda: torch.autograd.grad(fn(*inputs), inputs, cot), **kwargs)
+    cot = []
+    for o in outs:
+        if (o.shape, o.dtype) not in _COTANGENTS:  # made in the warm-up, never inside a timed call
+            _COTANGENTS[(o.shape, o.dtype)] = torch.randn_like(o)
+        cot.append(_COTANGENTS[(o.shape, o.dtype)])
+    return torch.autograd.grad(outs, inputs, cot, retain_graph=retain_graph)

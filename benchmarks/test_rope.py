@@ -77,14 +77,32 @@ def test_rope(gpu_bench, form, direction, impl, B, H, N, d):
     q_bytes = q.numel() * q.element_size()
     kwargs = dict(group=f"{form}.{direction}", impl=impl, shape=f"{B}x{H}x{N}x{d}",
                   bytes=PASSES[form][direction] * q_bytes)
-    if direction == "fwd":
-        with torch.no_grad():
-            gpu_bench(lambda: fn(*inputs, freqs), **kwargs)
-        return
-    outs = fn(*inputs, freqs)
+
+    def build():
+        if direction == "fwd":
+            return lambda: _no_grad(fn, inputs, freqs)
+        if direction == "fwd+bwd":
+            return lambda: _grad(fn(*inputs, freqs), inputs)
+        outs = fn(*inputs, freqs)  # bwd alone: the forward runs once, on the stream that will replay the backward
+        return lambda: _grad(outs, inputs, retain_graph=True)
+
+    gpu_bench(build, **kwargs)
+
+
+def _no_grad(fn, inputs, freqs):
+    with torch.no_grad():
+        return fn(*inputs, freqs)
+
+
+_COTANGENTS = {}
+
+
+def _grad(outs, inputs, retain_graph=False):
+    """Gradients of ``outs`` with fixed random cotangents (made once per output shape, not per call)."""
     outs = (outs,) if isinstance(outs, torch.Tensor) else outs
-    cot = [torch.randn_like(o) for o in outs]
-    if direction == "bwd":
-        gpu_bench(lambda: torch.autograd.grad(outs, inputs, cot, retain_graph=True), **kwargs)
-    else:
-        gpu_bench(lambda: torch.autograd.grad(fn(*inputs, freqs), inputs, cot), **kwargs)
+    cot = []
+    for o in outs:
+        if (o.shape, o.dtype) not in _COTANGENTS:  # made in the warm-up, never inside a timed call
+            _COTANGENTS[(o.shape, o.dtype)] = torch.randn_like(o)
+        cot.append(_COTANGENTS[(o.shape, o.dtype)])
+    return torch.autograd.grad(outs, inputs, cot, retain_graph=retain_graph)

@@ -148,16 +148,18 @@ def _mod_strides(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _fwd_config(D: int) -> Tuple[int, int, int]:
+def _fwd_config(D: int, block_m: Optional[int], num_warps: Optional[int]) -> Tuple[int, int, int]:
     block_d = _utils.next_pow2(D)
-    block_m = max(1, min(16, 2048 // block_d))
-    return block_m, block_d, _utils.warps_for(block_m * block_d, lo=4)
+    block_m = block_m or max(1, min(16, 2048 // block_d))
+    return block_m, block_d, num_warps or _utils.warps_for(block_m * block_d, lo=4)
 
 
 def adaln_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
-              res: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None):
+              res: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None, *,
+              block_m: Optional[int] = None, num_warps: Optional[int] = None):
     """LN-modulate forward. Without ``res``/``gate``: returns (out, mean, rstd). With them (the gated
-    residual): returns (x_new, out, mean, rstd). mean/rstd are fp32 (B, N)."""
+    residual): returns (x_new, out, mean, rstd). mean/rstd are fp32 (B, N). ``block_m`` (rows per
+    program) and ``num_warps`` override the launch heuristics (for tuning)."""
     B, N, D = x.shape
     assert D <= MAX_D, f"D = {D} > {MAX_D}"
     gated = res is not None
@@ -166,7 +168,7 @@ def adaln_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: fl
     x_new = _utils.new_empty((B, N, D), x.dtype, x.device) if gated else out
     mean = _utils.new_empty((B, N), torch.float32, x.device)
     rstd = _utils.new_empty((B, N), torch.float32, x.device)
-    block_m, block_d, warps = _fwd_config(D)
+    block_m, block_d, warps = _fwd_config(D, block_m, num_warps)
     r, g = (res, gate) if gated else (x, shift)
     r_strides = r.stride() if gated else (0, 0, 0)
     g_strides = _mod_strides(g) if gated else (0, 0, 0)
@@ -178,20 +180,24 @@ def adaln_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: fl
     return (x_new, out, mean, rstd) if gated else (out, mean, rstd)
 
 
-def _bwd_config(B: int, N: int, D: int, device: torch.device, programs_per_sm: int):
+def _bwd_config(B: int, N: int, D: int, device: torch.device, programs_per_sm: int, min_rows: int,
+                block_m: Optional[int], num_warps: Optional[int]):
+    """Chunking of each sample's tokens: enough programs to fill the GPU (``programs_per_sm``), but at
+    least ``min_rows`` rows each, since every chunk adds a row of fp32 partials per reduced tensor."""
     block_d = _utils.next_pow2(D)
-    block_m = max(1, min(16, 2048 // block_d))
+    block_m = block_m or max(1, min(16, 2048 // block_d))
     target = programs_per_sm * _utils.processor_count(device)
-    chunks = max(1, min(triton.cdiv(N, block_m), triton.cdiv(target, max(B, 1))))
+    chunks = max(1, min(triton.cdiv(N, max(min_rows, block_m)), triton.cdiv(target, max(B, 1))))
     rows_per_chunk = max(block_m, triton.cdiv(triton.cdiv(N, chunks), block_m) * block_m)
     chunks = triton.cdiv(N, rows_per_chunk)  # 0 when N == 0: nothing to launch, the sums are zero
-    return block_m, block_d, chunks, rows_per_chunk, _utils.warps_for(block_m * block_d, lo=4)
+    return block_m, block_d, chunks, rows_per_chunk, num_warps or _utils.warps_for(block_m * block_d, lo=4)
 
 
 def adaln_bwd(dout: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
               mean: torch.Tensor, rstd: torch.Tensor, *, res: Optional[torch.Tensor] = None,
               gate: Optional[torch.Tensor] = None, dx_new: Optional[torch.Tensor] = None,
-              programs_per_sm: int = 2):
+              programs_per_sm: int = 2, min_rows: int = 1, block_m: Optional[int] = None,
+              num_warps: Optional[int] = None):
     """LN-modulate backward. ``x`` is what was normalised (x' for the gated form).
 
     Plain: returns (dx, dshift, dscale). Gated (``res``, ``gate``, ``dx_new`` given): returns
@@ -201,7 +207,8 @@ def adaln_bwd(dout: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: t
     gated = res is not None
     per_token = shift.dim() == 3
     device = x.device
-    block_m, block_d, chunks, rows_per_chunk, warps = _bwd_config(B, N, D, device, programs_per_sm)
+    block_m, block_d, chunks, rows_per_chunk, warps = _bwd_config(B, N, D, device, programs_per_sm, min_rows,
+                                                                  block_m, num_warps)
     dx = _utils.new_empty((B, N, D), x.dtype, device)
     dres = _utils.new_empty((B, N, D), res.dtype, device) if gated else dx
     mods = [shift, scale] + ([gate] if gated else [])

@@ -68,7 +68,7 @@ def _cos_sin(FREQS, b, n, s_fb, s_fn, HALF, BLOCK_HALF: tl.constexpr):
 
 
 @triton.jit
-def _fwd_one(X, O, W, RSTD, row, b, n, H, HALF, eps, cos, sin,
+def _fwd_one(X, OUT, W, RSTD, row, b, n, H, HALF, eps, cos, sin,
              s_xb, s_xn, s_xh, s_xd, s_ob, s_on, s_oh, s_od,
              HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
              BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
@@ -85,7 +85,7 @@ def _fwd_one(X, O, W, RSTD, row, b, n, H, HALF, eps, cos, sin,
         bb = bb * rstd[:, None] * wb
     if HAS_ROPE:
         a, bb = a * cos - bb * sin, a * sin + bb * cos
-    _store_pairs(O, b * s_ob + n * s_on + h * s_oh, s_od, HALF, h_ok, a, bb, INTERLEAVED, BLOCK_HALF)
+    _store_pairs(OUT, b * s_ob + n * s_on + h * s_oh, s_od, HALF, h_ok, a, bb, INTERLEAVED, BLOCK_HALF)
 
 
 @triton.jit
@@ -200,14 +200,15 @@ def _table_strides(freqs: Optional[torch.Tensor]):
     return (freqs.stride(0) if freqs.shape[0] > 1 else 0), freqs.stride(1)
 
 
-def _config(H: int, d: int):
+def _config(H: int, d: int, num_warps: Optional[int] = None):
     block_h, block_half = _utils.next_pow2(H), _utils.next_pow2(d // 2)
-    return block_h, block_half, _utils.warps_for(2 * block_h * block_half, lo=1, hi=8)
+    return block_h, block_half, num_warps or _utils.warps_for(2 * block_h * block_half, lo=1, hi=8)
 
 
 def qk_norm_rope_fwd(q: torch.Tensor, k: Optional[torch.Tensor] = None, q_weight: Optional[torch.Tensor] = None,
                      k_weight: Optional[torch.Tensor] = None, freqs: Optional[torch.Tensor] = None,
-                     eps: float = 1e-6, interleaved: bool = True, inverse: bool = False, inplace: bool = False):
+                     eps: float = 1e-6, interleaved: bool = True, inverse: bool = False, inplace: bool = False,
+                     num_warps: Optional[int] = None):
     """Returns (q_out, k_out, q_rstd, k_rstd): k_out is None without k; the rstd are fp32 (B, N, H)
     (None without the norm). With ``inplace=True`` the outputs are q and k themselves."""
     B, N, H, d = q.shape
@@ -218,7 +219,7 @@ def qk_norm_rope_fwd(q: torch.Tensor, k: Optional[torch.Tensor] = None, q_weight
     k_out = None if k is None else (k if inplace else _utils.new_empty((B, N, H, d), k.dtype, k.device))
     q_rstd = _utils.new_empty((B, N, H), torch.float32, q.device) if has_norm else None
     k_rstd = _utils.new_empty((B, N, H), torch.float32, q.device) if has_norm and k is not None else None
-    block_h, block_half, warps = _config(H, d)
+    block_h, block_half, warps = _config(H, d, num_warps)
     kk, ko = (k, k_out) if k is not None else (q, q_out)
     if B * N > 0 and H > 0:
         _qk_norm_rope_fwd_kernel[(B * N,)](
@@ -233,12 +234,14 @@ def qk_norm_rope_fwd(q: torch.Tensor, k: Optional[torch.Tensor] = None, q_weight
 def qk_norm_rope_bwd(dq_out: torch.Tensor, dk_out: Optional[torch.Tensor], q: torch.Tensor,
                      k: Optional[torch.Tensor], q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor],
                      freqs: Optional[torch.Tensor], q_rstd: Optional[torch.Tensor], k_rstd: Optional[torch.Tensor],
-                     interleaved: bool = True, inverse: bool = False, programs_per_sm: int = 4):
+                     interleaved: bool = True, inverse: bool = False, programs_per_sm: int = 4,
+                     num_warps: Optional[int] = None):
     """Returns (dq, dk, dq_weight, dk_weight); entries are None where the input was absent."""
     B, N, H, d = q.shape
     has_norm, has_k = q_weight is not None, k is not None
     if not has_norm:  # no reduction: the backward of a rotation is a rotation (one program per token)
-        dq, dk, _, _ = qk_norm_rope_fwd(dq_out, dk_out, freqs=freqs, interleaved=interleaved, inverse=not inverse)
+        dq, dk, _, _ = qk_norm_rope_fwd(dq_out, dk_out, freqs=freqs, interleaved=interleaved, inverse=not inverse,
+                                        num_warps=num_warps)
         return dq, dk, None, None
     if freqs is not None:
         freqs = freqs if freqs.stride(-1) == 1 and freqs.stride(-2) == 2 else freqs.contiguous()
@@ -249,7 +252,7 @@ def qk_norm_rope_bwd(dq_out: torch.Tensor, dk_out: Optional[torch.Tensor], q: to
     dq = _utils.new_empty((B, N, H, d), q.dtype, q.device)
     dk = _utils.new_empty((B, N, H, d), k.dtype, k.device) if has_k else None
     partials = _utils.new_empty((2 if has_k else 1, 1, programs, d), torch.float32, q.device)
-    block_h, block_half, warps = _config(H, d)
+    block_h, block_half, warps = _config(H, d, num_warps)
     kk, dko, dkk = (k, dk_out, dk) if has_k else (q, dq_out, dq)
     if programs > 0 and H > 0:
         _qk_norm_rope_bwd_kernel[(programs,)](

@@ -12,8 +12,8 @@ import zlib
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
-import pytest
-import torch
+import pytest  # noqa: E402  (after the sys.path fix on purpose)
+import torch  # noqa: E402
 
 # Triton kernels run on CPU only through the interpreter; it must be on before any kernel is defined.
 if not torch.cuda.is_available():

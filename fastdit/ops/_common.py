@@ -76,7 +76,8 @@ def kernel_can_run(*tensors: Optional[torch.Tensor]) -> bool:
 
 
 def triton_dtype_reason(**tensors: Optional[torch.Tensor]) -> Optional[str]:
-    bad = [f"{name} has dtype {t.dtype}" for name, t in tensors.items() if t is not None and t.dtype not in TRITON_DTYPES]
+    bad = [f"{name} has dtype {t.dtype}" for name, t in tensors.items()
+           if t is not None and t.dtype not in TRITON_DTYPES]
     if bad:
         return ", ".join(bad) + "; the Triton kernels take float16, bfloat16 and float32"
     return None

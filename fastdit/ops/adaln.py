@@ -29,8 +29,26 @@ KERNEL_READY = True
 MAX_TRITON_D = 16384
 
 
+def _modulation_inputs_ok(x, modulation) -> bool:
+    """The common case, checked cheaply (no message is built unless something is wrong)."""
+    if not (isinstance(x, Tensor) and x.dim() == 3 and x.is_floating_point() and x.shape[2] > 0):
+        return False
+    B, N, D = x.shape
+    first = None
+    for t in modulation.values():
+        if not (isinstance(t, Tensor) and t.is_floating_point() and t.device == x.device):
+            return False
+        if first is None:
+            first = t.shape
+        if t.shape != first or not (t.shape == (B, D) or t.shape == (B, N, D)):
+            return False
+    return True
+
+
 def check_modulation_inputs(op: str, x: Tensor, **modulation: Tensor) -> None:
     """x is (B, N, D); every modulation tensor is (B, D) or (B, N, D), all the same shape."""
+    if _modulation_inputs_ok(x, modulation):
+        return
     check_floating(op, x=x, **modulation)
     check_same_device(op, x=x, **modulation)
     check(x.dim() == 3, op, f"x must be 3-D (B, N, D), got shape {shape_str(x)}")
@@ -165,7 +183,8 @@ def triton_unsupported_reason(x: Tensor, shift: Tensor, scale: Tensor) -> Option
     """Why the Triton kernel cannot take these (already validated) inputs, or None."""
     return join_reasons(
         triton_device_reason(x), triton_dtype_reason(x=x, shift=shift, scale=scale),
-        f"D = {x.shape[-1]} is larger than the kernel's limit of {MAX_TRITON_D}" if x.shape[-1] > MAX_TRITON_D else None)
+        f"D = {x.shape[-1]} is larger than the kernel's limit of {MAX_TRITON_D}"
+        if x.shape[-1] > MAX_TRITON_D else None)
 
 
 def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6, *,

@@ -27,6 +27,10 @@ _OP = "gated_residual_adaln"
 
 
 def _check_inputs(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor) -> None:
+    if (isinstance(y, Tensor) and isinstance(x, Tensor) and y.shape == x.shape and y.is_floating_point()
+            and y.device == x.device):
+        check_modulation_inputs(_OP, x, gate=gate, shift=shift, scale=scale)
+        return
     check_floating(_OP, y=y)
     check_same_device(_OP, x=x, y=y)
     check(y.shape == x.shape, _OP, f"y must have x's shape {shape_str(x)}, got {shape_str(y)}")
@@ -121,7 +125,8 @@ _gated_op.register_autograd(_gated_backward, setup_context=_gated_setup_context)
 def triton_unsupported_reason(x, y, gate, shift, scale) -> Optional[str]:
     return join_reasons(
         triton_device_reason(x), triton_dtype_reason(x=x, y=y, gate=gate, shift=shift, scale=scale),
-        f"D = {x.shape[-1]} is larger than the kernel's limit of {MAX_TRITON_D}" if x.shape[-1] > MAX_TRITON_D else None)
+        f"D = {x.shape[-1]} is larger than the kernel's limit of {MAX_TRITON_D}"
+        if x.shape[-1] > MAX_TRITON_D else None)
 
 
 def gated_residual_adaln(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6,

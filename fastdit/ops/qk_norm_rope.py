@@ -23,7 +23,22 @@ KERNEL_READY = True
 _OP = "qk_norm_rope"
 
 
+def _inputs_ok(q, k, q_weight, k_weight, freqs) -> bool:
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and q.dim() == 4 and k.shape == q.shape
+            and q.is_floating_point() and k.is_floating_point() and k.device == q.device
+            and (q_weight is None) == (k_weight is None)):
+        return False
+    d = q.shape[-1]
+    for w in (q_weight, k_weight):
+        if w is not None and not (isinstance(w, Tensor) and w.is_floating_point() and w.dim() == 1
+                                  and w.shape[0] == d and w.device == q.device):
+            return False
+    return freqs is None or rotary._inputs_ok(q, freqs)
+
+
 def _check_inputs(q, k, q_weight, k_weight, freqs) -> None:
+    if _inputs_ok(q, k, q_weight, k_weight, freqs):
+        return  # the common case, without building any message
     check_floating(_OP, q=q, k=k, q_weight=q_weight, k_weight=k_weight, freqs=freqs)
     check_same_device(_OP, q=q, k=k, q_weight=q_weight, k_weight=k_weight, freqs=freqs)
     check(q.dim() == 4, _OP, f"q must be 4-D (B, N, H, d), got shape {shape_str(q)}")

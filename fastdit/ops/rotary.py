@@ -74,7 +74,18 @@ def rope_freqs_2d(height: int, width: int, dim: int, theta: float = 10000.0,
 
 # ------------------------------------------------------------------------------------------ the op
 
+def _inputs_ok(x: Tensor, freqs: Tensor) -> bool:
+    if not (isinstance(x, Tensor) and isinstance(freqs, Tensor) and x.dim() == 4 and x.is_floating_point()
+            and freqs.is_floating_point() and freqs.device == x.device and freqs.dim() in (3, 4)):
+        return False
+    B, N, _, d = x.shape
+    return (d % 2 == 0 and freqs.shape[-3:] == (N, d // 2, 2)
+            and (freqs.dim() == 3 or freqs.shape[0] == B or freqs.shape[0] == 1))
+
+
 def _check_inputs(x: Tensor, freqs: Tensor) -> None:
+    if _inputs_ok(x, freqs):
+        return  # the common case, without building any message
     check_floating(_OP, x=x, freqs=freqs)
     check_same_device(_OP, x=x, freqs=freqs)
     check(x.dim() == 4, _OP, f"x must be 4-D (B, N, H, d), got shape {shape_str(x)}")

@@ -9,16 +9,16 @@ from fastdit.ops import adaln_modulate, adaln_modulate_ref, gated_residual_adaln
 from fastdit.testing import assert_close_to_reference, gated_residual_adaln_float64
 
 SIZES = [(N, D) for D in (72, 123, 1152, 3072) for N in (1, 7, 257)]
-
-
-def slow_on_cpu(N=1, D=1, **_):
-    """The interpreter's cost grows with the elements here (rows are blocked per program)."""
-    return N * D > 257 * 123
 # (x dtype, modulation dtype): same dtype; bf16 activations with fp32 modulation (DiT training);
 # fp32 residual with bf16 modulation and y (under bf16 autocast)
 DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
           (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)]
 DTYPE_IDS = ["fp32", "bf16", "fp16", "bf16-fp32mod", "fp32-bf16mod"]
+
+
+def slow_on_cpu(N=1, D=1, **_):
+    """The interpreter's cost grows with the elements here (rows are blocked per program)."""
+    return N * D > 257 * 123
 
 
 def _inputs(B, N, D, x_dtype, mod_dtype, per_token, device, gated):

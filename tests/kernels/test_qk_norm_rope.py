@@ -11,12 +11,12 @@ from fastdit.ops import (qk_norm_rope, qk_norm_rope_ref, rms_norm, rms_norm_ref,
 from fastdit.testing import assert_close_to_reference
 
 SIZES = [(N, H, d) for N in (1, 7, 257) for H, d in ((1, 64), (3, 72), (24, 128))]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def slow_on_cpu(N=1, **_):
     """One program per token: the interpreter's cost grows with the tokens."""
     return N > 64
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _qkv(B, N, H, d, dtype, device):

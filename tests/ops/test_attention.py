@@ -129,7 +129,8 @@ def test_backends_follow_the_2x_rule_forward_and_backward(dtype, backend, device
     grads = torch.autograd.grad(outs, inputs, cot)
     grads_ref = torch.autograd.grad(refs, inputs, cot)
     grads64 = torch.autograd.grad(refs64, inputs64, [c.double() for c in cot])
-    for g, gr, g64, name in zip(grads, grads_ref, grads64, ("dq_img", "dk_img", "dv_img", "dq_txt", "dk_txt", "dv_txt")):
+    names = ("dq_img", "dk_img", "dv_img", "dq_txt", "dk_txt", "dv_txt")
+    for g, gr, g64, name in zip(grads, grads_ref, grads64, names):
         # padded caption keys/values must receive exactly zero gradient
         assert_close_to_reference(g, gr, g64, name=name)
     assert grads[4][0].abs().max() == 0 and grads[5][0].abs().max() == 0 and grads[4][1, 3:].abs().max() == 0
