@@ -11,7 +11,7 @@ python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -3
 python3 -c "import torch, triton, fastdit, fastdit.kernels; print('torch', torch.__version__, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name())" \
   || { echo "install failed"; exit 1; }
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  python3 -m pytest -q -p no:cacheprovider tests ${TEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -15
+  python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" | tail -15
 fi
 if [ "$#" -gt 0 ]; then
   python3 -m pytest -q -p no:cacheprovider "$@" --benchmark-columns=min,median,max \

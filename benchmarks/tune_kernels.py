@@ -55,7 +55,8 @@ def tune_adaln(results, copy):
         y = torch.randn_like(x)
         sh, sc, g = (torch.randn(B, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         xb = x.numel() * 2
-        fwd_cfgs = [dict(block_m=m, num_warps=w) for m, w in itertools.product((1, 2, 4, 8), (2, 4, 8, 16))]
+        fwd_cfgs = [dict(block_m=m, num_warps=w, steps=t)
+                    for m, w, t in itertools.product((1, 2, 4), (2, 4, 8), (1, 2, 4, 8))]
         sweep("adaln.fwd", (B, N, D), 2 * xb, fwd_cfgs,
               lambda **c: (lambda: adaln_fwd(x, sh, sc, 1e-6, **c)), results, copy)
         sweep("gated.fwd", (B, N, D), 4 * xb, fwd_cfgs,
@@ -64,7 +65,7 @@ def tune_adaln(results, copy):
         xn, _, gmean, grstd = adaln_fwd(x, sh, sc, 1e-6, res=y, gate=g)
         dy, dxn = torch.randn_like(x), torch.randn_like(x)
         bwd_cfgs = [dict(block_m=m, num_warps=w, programs_per_sm=p, min_rows=r)
-                    for m, w, p, r in itertools.product((1, 2, 4, 8), (4, 8, 16), (1, 2, 4, 8), (16, 64))]
+                    for m, w, p, r in itertools.product((1, 2, 4), (2, 4, 8), (2, 4, 8, 16), (16, 64))]
         sweep("adaln.bwd", (B, N, D), 3 * xb, bwd_cfgs,
               lambda **c: (lambda: adaln_bwd(dy, x, sh, sc, mean, rstd, **c)), results, copy)
         sweep("gated.bwd", (B, N, D), 6 * xb, bwd_cfgs,
@@ -79,14 +80,14 @@ def tune_qk(results, copy):
         w = torch.randn(d, device="cuda")
         freqs = rope_freqs_2d(N // 64, 64, d, device="cuda")
         qb = q.numel() * 2
-        warps = [dict(num_warps=n) for n in (1, 2, 4, 8, 16)]
+        warps = [dict(num_warps=n, programs_per_sm=p) for n, p in itertools.product((1, 2, 4, 8), (4, 8, 16, 32))]
         sweep("rope_qk.fwd", (B, N, H, d), 4 * qb, warps,
               lambda **c: (lambda: qk_norm_rope_fwd(q, k, freqs=freqs, **c)), results, copy)
         sweep("qknorm_rope.fwd", (B, N, H, d), 4 * qb, warps,
               lambda **c: (lambda: qk_norm_rope_fwd(q, k, w, w, freqs, **c)), results, copy)
         _, _, qr, kr = qk_norm_rope_fwd(q, k, w, w, freqs)
         dq, dk = torch.randn_like(q), torch.randn_like(k)
-        bwd_cfgs = [dict(num_warps=n, programs_per_sm=p) for n, p in itertools.product((2, 4, 8, 16), (2, 4, 8, 16))]
+        bwd_cfgs = [dict(num_warps=n, programs_per_sm=p) for n, p in itertools.product((1, 2, 4, 8), (4, 8, 16, 32))]
         sweep("qknorm_rope.bwd", (B, N, H, d), 6 * qb, bwd_cfgs,
               lambda **c: (lambda: qk_norm_rope_bwd(dq, dk, q, k, w, w, freqs, qr, kr, **c)), results, copy)
 
@@ -98,17 +99,6 @@ def host_overhead(results):
     x = torch.randn(1, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     sh, sc = (torch.randn(1, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
 
-    class Plain(torch.autograd.Function):  # the cheapest autograd wrapper, for comparison
-        @staticmethod
-        def forward(ctx, x, sh, sc):
-            y, mean, rstd = adaln_fwd(x, sh, sc, 1e-6)
-            ctx.save_for_backward(x, sh, sc, mean, rstd)
-            return y
-
-        @staticmethod
-        def backward(ctx, dy):
-            return adaln_bwd(dy, *ctx.saved_tensors)
-
     def per_call(fn, n=3000):
         for _ in range(100):
             fn()
@@ -119,22 +109,24 @@ def host_overhead(results):
         torch.cuda.synchronize()
         return (time.perf_counter() - t) / n * 1e6
 
+    dy = torch.randn_like(x)
     with torch.no_grad():
         rows = {
-            "launcher adaln_fwd": per_call(lambda: adaln_fwd(x, sh, sc, 1e-6)),
-            "autograd.Function, no_grad": per_call(lambda: Plain.apply(x, sh, sc)),
+            "F.layer_norm eager (for scale), no_grad": per_call(lambda: torch.nn.functional.layer_norm(x, (64,))),
+            "launcher adaln_fwd, no_grad": per_call(lambda: adaln_fwd(x, sh, sc, 1e-6)),
+            "adaln_modulate(backend='triton'), no_grad": per_call(lambda: adaln_modulate(x, sh, sc, backend="triton")),
             "torch.ops.fastdit.adaln_modulate, no_grad": per_call(
                 lambda: torch.ops.fastdit.adaln_modulate(x, sh, sc, 1e-6)),
-            "adaln_modulate(backend='triton'), no_grad": per_call(lambda: adaln_modulate(x, sh, sc, backend="triton")),
-            "F.layer_norm eager, no_grad": per_call(lambda: torch.nn.functional.layer_norm(x, (64,))),
         }
-    rows["autograd.Function, with grad"] = per_call(lambda: Plain.apply(x, sh, sc))
+    rows["adaln_modulate(backend='triton'), with grad"] = per_call(lambda: adaln_modulate(x, sh, sc, backend="triton"))
     rows["torch.ops.fastdit.adaln_modulate, with grad"] = per_call(
         lambda: torch.ops.fastdit.adaln_modulate(x, sh, sc, 1e-6))
-    dy = torch.randn_like(x)
-    rows["fwd+bwd autograd.Function"] = per_call(lambda: torch.autograd.grad(Plain.apply(x, sh, sc), (x, sh, sc), dy))
     rows["fwd+bwd adaln_modulate(backend='triton')"] = per_call(
         lambda: torch.autograd.grad(adaln_modulate(x, sh, sc, backend="triton"), (x, sh, sc), dy))
+    rows["fwd+bwd torch.ops.fastdit.adaln_modulate"] = per_call(
+        lambda: torch.autograd.grad(torch.ops.fastdit.adaln_modulate(x, sh, sc, 1e-6)[0], (x, sh, sc), dy))
+    rows["fwd+bwd F.layer_norm eager (for scale)"] = per_call(
+        lambda: torch.autograd.grad(torch.nn.functional.layer_norm(x, (64,)), (x,), dy))
     for name, us in rows.items():
         print(f"host overhead: {name:48s} {us:7.1f} us/call")
         results.append({"kernel": "host_overhead", "what": name, "us_per_call": us})

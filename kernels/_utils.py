@@ -43,40 +43,27 @@ def warps_for(elements: int, lo: int = 1, hi: int = 16) -> int:
 
 
 @triton.jit
-def _sum_chunks_kernel(P, OUT0, OUT1, OUT2, BD, D, n_chunks, BLOCK: tl.constexpr):
-    """OUTk[b, d] = sum over c of P[k, b, c, d], in a fixed order (k = program_id(1))."""
+def _sum_chunks_kernel(P, OUT0, OUT1, OUT2, BD, D, n_chunks, BLOCK_C: tl.constexpr, BLOCK: tl.constexpr):
+    """OUTk[b, d] = sum over c of P[k, b, c, d] (k = program_id(1)), reading [BLOCK_C, BLOCK] tiles of
+    chunks and summing the tile in a fixed order at the end: deterministic."""
     k = tl.program_id(1)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # i = b * D + d
     ok = i < BD
     i = i.to(tl.int64)
     b = i // D
     base = k.to(tl.int64) * BD * n_chunks + b * n_chunks * D + (i - b * D)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for c in range(0, n_chunks):
-        acc += tl.load(P + base + c * D, mask=ok, other=0.0)
+    c = tl.arange(0, BLOCK_C)
+    acc = tl.zeros([BLOCK_C, BLOCK], dtype=tl.float32)
+    for c0 in range(0, n_chunks, BLOCK_C):
+        cc = (c0 + c).to(tl.int64)
+        acc += tl.load(P + base[None, :] + cc[:, None] * D, mask=(cc < n_chunks)[:, None] & ok[None, :], other=0.0)
+    total = tl.sum(acc, axis=0)
     if k == 0:
-        tl.store(OUT0 + i, to_dtype_rtne(acc, OUT0.dtype.element_ty), mask=ok)
+        tl.store(OUT0 + i, to_dtype_rtne(total, OUT0.dtype.element_ty), mask=ok)
     elif k == 1:
-        tl.store(OUT1 + i, to_dtype_rtne(acc, OUT1.dtype.element_ty), mask=ok)
+        tl.store(OUT1 + i, to_dtype_rtne(total, OUT1.dtype.element_ty), mask=ok)
     else:
-        tl.store(OUT2 + i, to_dtype_rtne(acc, OUT2.dtype.element_ty), mask=ok)
-
-
-def sum_chunks(partials: torch.Tensor, outs) -> None:
-    """outs[k][b, d] = partials[k, b, :, d].sum() in a fixed order (deterministic), in each out's dtype.
-
-    partials: fp32 (K, B, C, D) with K = len(outs) ≤ 3; outs: K tensors of B*D elements, contiguous.
-    """
-    K, B, C, D = partials.shape
-    if B * D == 0:
-        return
-    if C == 0:
-        for out in outs:
-            out.zero_()
-        return
-    block = 1024
-    _sum_chunks_kernel[(triton.cdiv(B * D, block), K)](
-        partials, outs[0], outs[min(1, K - 1)], outs[K - 1], B * D, D, C, BLOCK=block, num_warps=4)
+        tl.store(OUT2 + i, to_dtype_rtne(total, OUT2.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -91,3 +78,21 @@ def to_dtype_rtne(x, dtype: tl.constexpr):
         bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
         x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
     return x.to(dtype)
+
+
+def sum_chunks(partials: torch.Tensor, outs) -> None:
+    """outs[k][b, d] = partials[k, b, :, d].sum() in a fixed order (deterministic), in each out's dtype.
+
+    partials: fp32 (K, B, C, D) with K = len(outs) ≤ 3; outs: K tensors of B*D elements, contiguous.
+    """
+    K, B, C, D = partials.shape
+    if B * D == 0:
+        return
+    if C == 0:
+        for out in outs:
+            out.zero_()
+        return
+    block_c = min(32, next_pow2(C))
+    block = max(32, min(1024, 4096 // block_c))
+    _sum_chunks_kernel[(triton.cdiv(B * D, block), K)](
+        partials, outs[0], outs[min(1, K - 1)], outs[K - 1], B * D, D, C, BLOCK_C=block_c, BLOCK=block, num_warps=4)

@@ -14,7 +14,7 @@ outputs are contiguous. Any D up to ``MAX_D``; any N ≥ 1.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
@@ -27,38 +27,88 @@ MAX_D = 16384
 
 
 @triton.jit
+def _fwd_load(X, RES, GATE, SHIFT, SCALE, rows, row_ok, N, cols, col_ok,
+              s_xb, s_xn, s_xd, s_rb, s_rn, s_rd, s_gb, s_gn, s_gd, s_hb, s_hn, s_hd, s_cb, s_cn, s_cd,
+              GATED: tl.constexpr):
+    """Raw loads of one block of rows (what the next step needs, issued a step early)."""
+    mask = row_ok[:, None] & col_ok[None, :]
+    b = rows // N
+    n = rows - b * N
+    x = tl.load(X + (b * s_xb + n * s_xn)[:, None] + cols * s_xd, mask=mask, other=0.0)
+    shift = tl.load(SHIFT + (b * s_hb + n * s_hn)[:, None] + cols * s_hd, mask=mask, other=0.0)
+    scale = tl.load(SCALE + (b * s_cb + n * s_cn)[:, None] + cols * s_cd, mask=mask, other=0.0)
+    r = x
+    g = shift
+    if GATED:
+        r = tl.load(RES + (b * s_rb + n * s_rn)[:, None] + cols * s_rd, mask=mask, other=0.0)
+        g = tl.load(GATE + (b * s_gb + n * s_gn)[:, None] + cols * s_gd, mask=mask, other=0.0)
+    return x, r, g, shift, scale
+
+
+@triton.jit
 def _adaln_fwd_kernel(
     X, RES, GATE, SHIFT, SCALE,
     OUT, XNEW, MEAN, RSTD,
     M, N, D, eps,
     s_xb, s_xn, s_xd, s_rb, s_rn, s_rd, s_gb, s_gn, s_gd,
     s_hb, s_hn, s_hd, s_cb, s_cn, s_cd,
-    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STEPS: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
+    """Program p normalises rows [p * BLOCK_M * STEPS, …) in STEPS blocks of BLOCK_M rows, loading
+    each block while the previous one is being computed and stored."""
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = offs_d < D
+    cols = offs_d.to(tl.int64)[None, :]
+    rows = tl.program_id(0).to(tl.int64) * (BLOCK_M * STEPS) + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    mask = row_ok[:, None] & (cols < D)[None, :]
-    rows = rows.to(tl.int64)
-    b = rows // N
-    n = rows - b * N
-    cols = cols.to(tl.int64)[None, :]
-    x = tl.load(X + (b * s_xb + n * s_xn)[:, None] + cols * s_xd, mask=mask, other=0.0).to(tl.float32)
+    nxt = _fwd_load(X, RES, GATE, SHIFT, SCALE, rows, row_ok, N, cols, col_ok, s_xb, s_xn, s_xd, s_rb, s_rn, s_rd,
+                    s_gb, s_gn, s_gd, s_hb, s_hn, s_hd, s_cb, s_cn, s_cd, GATED)
+    for step in range(STEPS):
+        x, r, g, shift, scale = nxt
+        cur_rows, cur_ok = rows, row_ok
+        rows += BLOCK_M
+        row_ok = (rows < M) & (step + 1 < STEPS)
+        nxt = _fwd_load(X, RES, GATE, SHIFT, SCALE, rows, row_ok, N, cols, col_ok, s_xb, s_xn, s_xd,
+                        s_rb, s_rn, s_rd, s_gb, s_gn, s_gd, s_hb, s_hn, s_hd, s_cb, s_cn, s_cd, GATED)
+        mask = cur_ok[:, None] & col_ok[None, :]
+        out_offs = cur_rows[:, None] * D + cols
+        x = x.to(tl.float32)
+        if GATED:
+            x_new = to_dtype_rtne(x + g.to(tl.float32) * r.to(tl.float32), XNEW.dtype.element_ty)
+            tl.store(XNEW + out_offs, x_new, mask=mask)
+            x = x_new.to(tl.float32)  # normalise the residual as stored, so out == LN-modulate(x')
+        mean = tl.sum(x, axis=1) / D
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)
+        out = xc * rstd[:, None] * (1.0 + scale.to(tl.float32)) + shift.to(tl.float32)
+        tl.store(OUT + out_offs, to_dtype_rtne(out, OUT.dtype.element_ty), mask=mask)
+        tl.store(MEAN + cur_rows, mean, mask=cur_ok)
+        tl.store(RSTD + cur_rows, rstd, mask=cur_ok)
+
+
+@triton.jit
+def _bwd_load(DOUT, DXNEW, X, RES, GATE, SCALE, MEAN, RSTD, b, n, row_ok, N, cols, col_ok,
+              s_ob, s_on, s_od, s_nb, s_nn, s_nd, s_xb, s_xn, s_xd, s_rb, s_rn, s_rd,
+              s_gb, s_gn, s_gd, s_cb, s_cn, s_cd, GATED: tl.constexpr, PER_TOKEN: tl.constexpr):
+    """Raw loads of one block of rows of sample b (issued a step before they are used)."""
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows = b * N + n
+    dout = tl.load(DOUT + (b * s_ob + n * s_on)[:, None] + cols * s_od, mask=mask, other=0.0)
+    x = tl.load(X + (b * s_xb + n * s_xn)[:, None] + cols * s_xd, mask=mask, other=0.0)
+    mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+    rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+    dxn = dout
+    r = dout
+    scale = dout
+    gate = dout
     if GATED:
-        r = tl.load(RES + (b * s_rb + n * s_rn)[:, None] + cols * s_rd, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(GATE + (b * s_gb + n * s_gn)[:, None] + cols * s_gd, mask=mask, other=0.0).to(tl.float32)
-        x_new = to_dtype_rtne(x + g * r, XNEW.dtype.element_ty)
-        tl.store(XNEW + rows[:, None] * D + cols, x_new, mask=mask)
-        x = x_new.to(tl.float32)  # normalise the residual as stored, so out == LN-modulate(x')
-    mean = tl.sum(x, axis=1) / D
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)
-    shift = tl.load(SHIFT + (b * s_hb + n * s_hn)[:, None] + cols * s_hd, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(SCALE + (b * s_cb + n * s_cn)[:, None] + cols * s_cd, mask=mask, other=0.0).to(tl.float32)
-    out = xc * rstd[:, None] * (1.0 + scale) + shift
-    tl.store(OUT + rows[:, None] * D + cols, to_dtype_rtne(out, OUT.dtype.element_ty), mask=mask)
-    tl.store(MEAN + rows, mean, mask=row_ok)
-    tl.store(RSTD + rows, rstd, mask=row_ok)
+        dxn = tl.load(DXNEW + (b * s_nb + n * s_nn)[:, None] + cols * s_nd, mask=mask, other=0.0)
+        r = tl.load(RES + (b * s_rb + n * s_rn)[:, None] + cols * s_rd, mask=mask, other=0.0)
+    if PER_TOKEN:
+        scale = tl.load(SCALE + (b * s_cb + n * s_cn)[:, None] + cols * s_cd, mask=mask, other=0.0)
+        if GATED:
+            gate = tl.load(GATE + (b * s_gb + n * s_gn)[:, None] + cols * s_gd, mask=mask, other=0.0)
+    return dout, x, mean, rstd, dxn, r, scale, gate
 
 
 @triton.jit
@@ -70,8 +120,9 @@ def _adaln_bwd_kernel(
     s_gb, s_gn, s_gd, s_cb, s_cn, s_cd,
     GATED: tl.constexpr, PER_TOKEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Program (b, chunk) handles tokens [chunk*rows_per_chunk, …) of sample b. Per-sample modulation
-    gradients go to partials[k, b, chunk, :] (k = shift, scale, gate); per-token ones are stored."""
+    """Program (b, chunk) handles tokens [chunk*rows_per_chunk, …) of sample b, loading each block of
+    BLOCK_M rows one step ahead. Per-sample modulation gradients go to fp32 partials[k, b, chunk, :]
+    (k = shift, scale, gate); per-token ones are stored directly."""
     b = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     n_begin = chunk * rows_per_chunk
@@ -81,24 +132,30 @@ def _adaln_bwd_kernel(
     cols = offs_d.to(tl.int64)[None, :]
     if not PER_TOKEN:  # the sample's modulation row, loaded once
         scale_row = tl.load(SCALE + b * s_cb + cols * s_cd, mask=col_ok[None, :], other=0.0).to(tl.float32)
+        gate_row = scale_row
         if GATED:
             gate_row = tl.load(GATE + b * s_gb + cols * s_gd, mask=col_ok[None, :], other=0.0).to(tl.float32)
     acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for n0 in range(n_begin, n_end, BLOCK_M):
-        n = n0 + tl.arange(0, BLOCK_M)
+    n = (n_begin + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = n < n_end
+    nxt = _bwd_load(DOUT, DXNEW, X, RES, GATE, SCALE, MEAN, RSTD, b, n, row_ok, N, cols, col_ok,
+                    s_ob, s_on, s_od, s_nb, s_nn, s_nd, s_xb, s_xn, s_xd, s_rb, s_rn, s_rd,
+                    s_gb, s_gn, s_gd, s_cb, s_cn, s_cd, GATED, PER_TOKEN)
+    for _ in range(n_begin, n_end, BLOCK_M):
+        dout, x, mean, rstd, dxn, r, scale, gate = nxt
+        cur_n, cur_ok = n, row_ok
+        n += BLOCK_M
         row_ok = n < n_end
-        mask = row_ok[:, None] & col_ok[None, :]
-        n = n.to(tl.int64)
-        rows = b * N + n
-        dout = tl.load(DOUT + (b * s_ob + n * s_on)[:, None] + cols * s_od, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(X + (b * s_xb + n * s_xn)[:, None] + cols * s_xd, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
-        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        nxt = _bwd_load(DOUT, DXNEW, X, RES, GATE, SCALE, MEAN, RSTD, b, n, row_ok, N, cols, col_ok,
+                        s_ob, s_on, s_od, s_nb, s_nn, s_nd, s_xb, s_xn, s_xd, s_rb, s_rn, s_rd,
+                        s_gb, s_gn, s_gd, s_cb, s_cn, s_cd, GATED, PER_TOKEN)
+        mask = cur_ok[:, None] & col_ok[None, :]
+        out_offs = (b * N + cur_n)[:, None] * D + cols
+        dout = dout.to(tl.float32)
+        xhat = tl.where(mask, (x.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
         if PER_TOKEN:
-            scale = tl.load(SCALE + (b * s_cb + n * s_cn)[:, None] + cols * s_cd, mask=mask, other=0.0)
             scale = scale.to(tl.float32)
         else:
             scale = scale_row
@@ -107,23 +164,19 @@ def _adaln_bwd_kernel(
         mean_gx = tl.sum(g * xhat, axis=1) / D
         dx = tl.where(mask, rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None]), 0.0)
         if GATED:
-            dx += tl.load(DXNEW + (b * s_nb + n * s_nn)[:, None] + cols * s_nd, mask=mask, other=0.0).to(tl.float32)
-            r = tl.load(RES + (b * s_rb + n * s_rn)[:, None] + cols * s_rd, mask=mask, other=0.0).to(tl.float32)
+            dx += dxn.to(tl.float32)
+            r = r.to(tl.float32)
             if PER_TOKEN:
-                gate = tl.load(GATE + (b * s_gb + n * s_gn)[:, None] + cols * s_gd, mask=mask, other=0.0)
                 gate = gate.to(tl.float32)
             else:
                 gate = gate_row
-            dres = to_dtype_rtne(gate * dx, DRES.dtype.element_ty)
-            tl.store(DRES + rows[:, None] * D + cols, dres, mask=mask)
-        tl.store(DX + rows[:, None] * D + cols, to_dtype_rtne(dx, DX.dtype.element_ty), mask=mask)
+            tl.store(DRES + out_offs, to_dtype_rtne(gate * dx, DRES.dtype.element_ty), mask=mask)
+        tl.store(DX + out_offs, to_dtype_rtne(dx, DX.dtype.element_ty), mask=mask)
         if PER_TOKEN:
-            dshift = to_dtype_rtne(dout, DSHIFT.dtype.element_ty)
-            tl.store(DSHIFT + rows[:, None] * D + cols, dshift, mask=mask)
-            dscale = to_dtype_rtne(dout * xhat, DSCALE.dtype.element_ty)
-            tl.store(DSCALE + rows[:, None] * D + cols, dscale, mask=mask)
+            tl.store(DSHIFT + out_offs, to_dtype_rtne(dout, DSHIFT.dtype.element_ty), mask=mask)
+            tl.store(DSCALE + out_offs, to_dtype_rtne(dout * xhat, DSCALE.dtype.element_ty), mask=mask)
             if GATED:
-                tl.store(DGATE + rows[:, None] * D + cols, to_dtype_rtne(r * dx, DGATE.dtype.element_ty), mask=mask)
+                tl.store(DGATE + out_offs, to_dtype_rtne(r * dx, DGATE.dtype.element_ty), mask=mask)
         else:
             acc_shift += tl.sum(dout, axis=0)
             acc_scale += tl.sum(dout * xhat, axis=0)
@@ -148,18 +201,18 @@ def _mod_strides(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _fwd_config(D: int, block_m: Optional[int], num_warps: Optional[int]) -> Tuple[int, int, int]:
+def _fwd_config(D: int, block_m: Optional[int], num_warps: Optional[int], steps: Optional[int]):
     block_d = _utils.next_pow2(D)
     block_m = block_m or max(1, min(16, 2048 // block_d))
-    return block_m, block_d, num_warps or _utils.warps_for(block_m * block_d, lo=4)
+    return block_m, block_d, num_warps or _utils.warps_for(block_m * block_d, lo=4), steps or 1
 
 
 def adaln_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
               res: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None, *,
-              block_m: Optional[int] = None, num_warps: Optional[int] = None):
+              block_m: Optional[int] = None, num_warps: Optional[int] = None, steps: Optional[int] = None):
     """LN-modulate forward. Without ``res``/``gate``: returns (out, mean, rstd). With them (the gated
     residual): returns (x_new, out, mean, rstd). mean/rstd are fp32 (B, N). ``block_m`` (rows per
-    program) and ``num_warps`` override the launch heuristics (for tuning)."""
+    step), ``steps`` (row blocks per program) and ``num_warps`` override the heuristics (for tuning)."""
     B, N, D = x.shape
     assert D <= MAX_D, f"D = {D} > {MAX_D}"
     gated = res is not None
@@ -168,15 +221,15 @@ def adaln_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: fl
     x_new = _utils.new_empty((B, N, D), x.dtype, x.device) if gated else out
     mean = _utils.new_empty((B, N), torch.float32, x.device)
     rstd = _utils.new_empty((B, N), torch.float32, x.device)
-    block_m, block_d, warps = _fwd_config(D, block_m, num_warps)
+    block_m, block_d, warps, steps = _fwd_config(D, block_m, num_warps, steps)
     r, g = (res, gate) if gated else (x, shift)
     r_strides = r.stride() if gated else (0, 0, 0)
     g_strides = _mod_strides(g) if gated else (0, 0, 0)
     if M > 0:
-        _adaln_fwd_kernel[(triton.cdiv(M, block_m),)](
+        _adaln_fwd_kernel[(triton.cdiv(M, block_m * steps),)](
             x, r, g, shift, scale, out, x_new, mean, rstd, M, N, D, eps,
             *x.stride(), *r_strides, *g_strides, *_mod_strides(shift), *_mod_strides(scale),
-            GATED=gated, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)
+            GATED=gated, BLOCK_M=block_m, BLOCK_D=block_d, STEPS=steps, num_warps=warps)
     return (x_new, out, mean, rstd) if gated else (out, mean, rstd)
 
 

@@ -24,23 +24,27 @@ from fastdit.kernels._utils import to_dtype_rtne
 
 
 @triton.jit
-def _load_pairs(ptr, row_offsets, s_d, HALF, mask, INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """Load channel pairs (a, b) of rows [R, d] -> two [R, BLOCK_HALF] fp32 tiles.
-
-    Interleaved rows are read whole (contiguous, wide loads) and split in registers."""
-    i = tl.arange(0, BLOCK_HALF)
+def _load_raw(ptr, row_offsets, s_d, HALF, mask, INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Raw loads of rows [R, d] of channel pairs (issued a step before use). Interleaved rows are read
+    whole (contiguous, wide loads; the second value is the same tile); half-split as two halves."""
     if INTERLEAVED:
         c = tl.arange(0, 2 * BLOCK_HALF)
-        full_mask = mask & (c < 2 * HALF)[None, :]
-        x = tl.load(ptr + row_offsets[:, None] + c.to(tl.int64)[None, :] * s_d, mask=full_mask, other=0.0)
-        x = tl.reshape(x.to(tl.float32), [x.shape[0], BLOCK_HALF, 2])
-        a, b = tl.split(x)
-    else:
-        pair_mask = mask & (i < HALF)[None, :]
-        offs = row_offsets[:, None] + i.to(tl.int64)[None, :] * s_d
-        a = tl.load(ptr + offs, mask=pair_mask, other=0.0).to(tl.float32)
-        b = tl.load(ptr + offs + HALF * s_d, mask=pair_mask, other=0.0).to(tl.float32)
-    return a, b
+        x = tl.load(ptr + row_offsets[:, None] + c.to(tl.int64)[None, :] * s_d, mask=mask & (c < 2 * HALF)[None, :],
+                    other=0.0)
+        return x, x
+    i = tl.arange(0, BLOCK_HALF)
+    offs = row_offsets[:, None] + i.to(tl.int64)[None, :] * s_d
+    pair_mask = mask & (i < HALF)[None, :]
+    return (tl.load(ptr + offs, mask=pair_mask, other=0.0),
+            tl.load(ptr + offs + HALF * s_d, mask=pair_mask, other=0.0))
+
+
+@triton.jit
+def _pairs(raw_a, raw_b, INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Raw loads -> the channel pairs (a, b) as fp32 [R, BLOCK_HALF] tiles."""
+    if INTERLEAVED:
+        return tl.split(tl.reshape(raw_a.to(tl.float32), [raw_a.shape[0], BLOCK_HALF, 2]))
+    return raw_a.to(tl.float32), raw_b.to(tl.float32)
 
 
 @triton.jit
@@ -59,135 +63,209 @@ def _store_pairs(ptr, row_offsets, s_d, HALF, mask, a, b, INTERLEAVED: tl.conste
 
 
 @triton.jit
-def _cos_sin(FREQS, b, n, s_fb, s_fn, HALF, BLOCK_HALF: tl.constexpr):
-    """The token's table row (HALF pairs of [cos, sin], contiguous) -> cos, sin as [1, BLOCK_HALF]."""
+def _weight_pairs(W, HALF, INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """The norm weight (d,) as pairs [1, BLOCK_HALF] (loaded once per program)."""
+    ra, rb = _load_raw(W, tl.zeros([1], dtype=tl.int64), 1, HALF, tl.full([1, 1], 1, tl.int1), INTERLEAVED,
+                       BLOCK_HALF)
+    return _pairs(ra, rb, INTERLEAVED, BLOCK_HALF)
+
+
+@triton.jit
+def _load_table(FREQS, b, n, s_fb, s_fn, HALF, ok, BLOCK_HALF: tl.constexpr):
+    """The token's table row: HALF contiguous [cos, sin] pairs, raw."""
     c = tl.arange(0, 2 * BLOCK_HALF)
-    t = tl.load(FREQS + b * s_fb + n * s_fn + c, mask=c < 2 * HALF, other=0.0)
-    cos, sin = tl.split(tl.reshape(t, [BLOCK_HALF, 2]))
+    return tl.load(FREQS + b * s_fb + n * s_fn + c, mask=(c < 2 * HALF) & ok, other=0.0)
+
+
+@triton.jit
+def _cos_sin(table_row, INVERSE: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    cos, sin = tl.split(tl.reshape(table_row, [BLOCK_HALF, 2]))
+    if INVERSE:
+        sin = -sin
     return cos[None, :], sin[None, :]
 
 
 @triton.jit
-def _fwd_one(X, OUT, W, RSTD, row, b, n, H, HALF, eps, cos, sin,
-             s_xb, s_xn, s_xh, s_xd, s_ob, s_on, s_oh, s_od,
-             HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
-             BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    h = tl.arange(0, BLOCK_H)
-    h_ok = (h < H)[:, None]
-    h = h.to(tl.int64)
-    a, bb = _load_pairs(X, b * s_xb + n * s_xn + h * s_xh, s_xd, HALF, h_ok, INTERLEAVED, BLOCK_HALF)
+def _fwd_token(raw_a, raw_b, OUT, RSTD, out_offsets, rstd_offsets, s_od, HALF, mask, h_ok, eps, wa, wb, cos, sin,
+               HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    a, b = _pairs(raw_a, raw_b, INTERLEAVED, BLOCK_HALF)
     if HAS_NORM:
-        rstd = tl.rsqrt((tl.sum(a * a, axis=1) + tl.sum(bb * bb, axis=1)) / (2 * HALF) + eps)
-        tl.store(RSTD + row * H + h, rstd, mask=h < H)
-        wa, wb = _load_pairs(W, tl.zeros([1], dtype=tl.int64), 1, HALF, tl.full([1, 1], 1, tl.int1),
-                             INTERLEAVED, BLOCK_HALF)
+        rstd = tl.rsqrt((tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)) / (2 * HALF) + eps)
+        tl.store(RSTD + rstd_offsets, rstd, mask=h_ok)
         a = a * rstd[:, None] * wa
-        bb = bb * rstd[:, None] * wb
+        b = b * rstd[:, None] * wb
     if HAS_ROPE:
-        a, bb = a * cos - bb * sin, a * sin + bb * cos
-    _store_pairs(OUT, b * s_ob + n * s_on + h * s_oh, s_od, HALF, h_ok, a, bb, INTERLEAVED, BLOCK_HALF)
+        a, b = a * cos - b * sin, a * sin + b * cos
+    _store_pairs(OUT, out_offsets, s_od, HALF, mask, a, b, INTERLEAVED, BLOCK_HALF)
 
 
 @triton.jit
 def _qk_norm_rope_fwd_kernel(
     Q, K, QO, KO, QW, KW, FREQS, QRSTD, KRSTD,
-    N, H, HALF, eps,
+    M, N, H, HALF, eps, tokens_per_program,
     s_qb, s_qn, s_qh, s_qd, s_kb, s_kn, s_kh, s_kd,
     s_ob, s_on, s_oh, s_od, s_pb, s_pn, s_ph, s_pd, s_fb, s_fn,
     HAS_K: tl.constexpr, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
     INVERSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
-    """One program per token: all heads of q (and k)."""
-    row = tl.program_id(0).to(tl.int64)
+    """Program p handles tokens [p * tokens_per_program, …), all heads of q (and k), loading each
+    token's rows (and table row) while the previous token is being computed and stored."""
+    h = tl.arange(0, BLOCK_H)
+    h_ok = h < H
+    h = h.to(tl.int64)
+    wqa = None
+    wqb = None
+    wka = None
+    wkb = None
+    if HAS_NORM:
+        wqa, wqb = _weight_pairs(QW, HALF, INTERLEAVED, BLOCK_HALF)
+        if HAS_K:
+            wka, wkb = _weight_pairs(KW, HALF, INTERLEAVED, BLOCK_HALF)
+    # the token index is a 1-element vector rather than a scalar: Triton's CPU interpreter mis-types
+    # `tile & scalar_mask`, and a [1] vector broadcasts the same way in compiled code
+    row = tl.program_id(0).to(tl.int64) * tokens_per_program + tl.zeros([1], dtype=tl.int64)
+    row_end = tl.minimum(row + tokens_per_program, M)
+    ok = row < row_end
     b = row // N
     n = row - b * N
-    cos = None
-    sin = None
-    if HAS_ROPE:
-        cos, sin = _cos_sin(FREQS, b, n, s_fb, s_fn, HALF, BLOCK_HALF)
-        if INVERSE:
-            sin = -sin
-    _fwd_one(Q, QO, QW, QRSTD, row, b, n, H, HALF, eps, cos, sin, s_qb, s_qn, s_qh, s_qd, s_ob, s_on, s_oh, s_od,
-             HAS_NORM, HAS_ROPE, INTERLEAVED, BLOCK_H, BLOCK_HALF)
+    m = h_ok[:, None] & ok[None, :]
+    nq = _load_raw(Q, b * s_qb + n * s_qn + h * s_qh, s_qd, HALF, m, INTERLEAVED, BLOCK_HALF)
+    nk = nq
     if HAS_K:
-        _fwd_one(K, KO, KW, KRSTD, row, b, n, H, HALF, eps, cos, sin, s_kb, s_kn, s_kh, s_kd,
-                 s_pb, s_pn, s_ph, s_pd, HAS_NORM, HAS_ROPE, INTERLEAVED, BLOCK_H, BLOCK_HALF)
+        nk = _load_raw(K, b * s_kb + n * s_kn + h * s_kh, s_kd, HALF, m, INTERLEAVED, BLOCK_HALF)
+    nt = tl.zeros([2 * BLOCK_HALF], dtype=tl.float32)
+    if HAS_ROPE:
+        nt = _load_table(FREQS, b, n, s_fb, s_fn, HALF, ok, BLOCK_HALF)
+    for _ in range(0, tokens_per_program):
+        (qa, qb), (ka, kb), table_row = nq, nk, nt
+        cur_row, cur_ok, cb, cn = row, ok, b, n
+        row += 1
+        ok = row < row_end
+        b = row // N
+        n = row - b * N
+        m = h_ok[:, None] & ok[None, :]
+        nq = _load_raw(Q, b * s_qb + n * s_qn + h * s_qh, s_qd, HALF, m, INTERLEAVED, BLOCK_HALF)
+        if HAS_K:
+            nk = _load_raw(K, b * s_kb + n * s_kn + h * s_kh, s_kd, HALF, m, INTERLEAVED, BLOCK_HALF)
+        if HAS_ROPE:
+            nt = _load_table(FREQS, b, n, s_fb, s_fn, HALF, ok, BLOCK_HALF)
+        cos = table_row
+        sin = table_row
+        if HAS_ROPE:
+            cos, sin = _cos_sin(table_row, INVERSE, BLOCK_HALF)
+        mask = h_ok[:, None] & cur_ok[None, :]
+        _fwd_token(qa, qb, QO, QRSTD, cb * s_ob + cn * s_on + h * s_oh, cur_row * H + h, s_od, HALF, mask,
+                   h_ok & cur_ok, eps, wqa, wqb, cos, sin, HAS_NORM, HAS_ROPE, INTERLEAVED, BLOCK_HALF)
+        if HAS_K:
+            _fwd_token(ka, kb, KO, KRSTD, cb * s_pb + cn * s_pn + h * s_ph, cur_row * H + h, s_pd, HALF, mask,
+                       h_ok & cur_ok, eps, wka, wkb, cos, sin, HAS_NORM, HAS_ROPE, INTERLEAVED, BLOCK_HALF)
 
 
 @triton.jit
-def _bwd_one(DO, X, DX, W, RSTD, row, b, n, H, HALF, cos, sin, acc_a, acc_b,
-             s_ob, s_on, s_oh, s_od, s_xb, s_xn, s_xh, s_xd,
-             HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
-             BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    h = tl.arange(0, BLOCK_H)
-    h_ok = (h < H)[:, None]
-    h = h.to(tl.int64)
-    ga, gb = _load_pairs(DO, b * s_ob + n * s_on + h * s_oh, s_od, HALF, h_ok, INTERLEAVED, BLOCK_HALF)
+def _bwd_token(raw_ga, raw_gb, raw_xa, raw_xb, rstd, DX, dx_offsets, HALF, mask, wa, wb, cos, sin, acc_a, acc_b,
+               HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    ga, gb = _pairs(raw_ga, raw_gb, INTERLEAVED, BLOCK_HALF)
     if HAS_ROPE:  # the transpose of a rotation is the rotation by the opposite angle
         ga, gb = ga * cos + gb * sin, gb * cos - ga * sin
     if HAS_NORM:
-        xa, xb = _load_pairs(X, b * s_xb + n * s_xn + h * s_xh, s_xd, HALF, h_ok, INTERLEAVED, BLOCK_HALF)
-        rstd = tl.load(RSTD + row * H + h, mask=h < H, other=0.0)[:, None]
-        xa = xa * rstd
-        xb = xb * rstd
-        wa, wb = _load_pairs(W, tl.zeros([1], dtype=tl.int64), 1, HALF, tl.full([1, 1], 1, tl.int1),
-                             INTERLEAVED, BLOCK_HALF)
+        xa, xb = _pairs(raw_xa, raw_xb, INTERLEAVED, BLOCK_HALF)
+        xa = xa * rstd[:, None]
+        xb = xb * rstd[:, None]
         acc_a += tl.sum(ga * xa, axis=0)
         acc_b += tl.sum(gb * xb, axis=0)
         ga = ga * wa
         gb = gb * wb
         c = (tl.sum(ga * xa, axis=1) + tl.sum(gb * xb, axis=1)) / (2 * HALF)
-        ga = rstd * (ga - xa * c[:, None])
-        gb = rstd * (gb - xb * c[:, None])
-    # dx is contiguous (B, N, H, d)
-    _store_pairs(DX, row * H * 2 * HALF + h * 2 * HALF, 1, HALF, h_ok, ga, gb, INTERLEAVED, BLOCK_HALF)
+        ga = rstd[:, None] * (ga - xa * c[:, None])
+        gb = rstd[:, None] * (gb - xb * c[:, None])
+    _store_pairs(DX, dx_offsets, 1, HALF, mask, ga, gb, INTERLEAVED, BLOCK_HALF)
     return acc_a, acc_b
 
 
 @triton.jit
 def _qk_norm_rope_bwd_kernel(
     DQO, DKO, Q, K, DQ, DK, QW, KW, FREQS, QRSTD, KRSTD, DW,
-    M, N, H, HALF, rows_per_program,
+    M, N, H, HALF, tokens_per_program,
     s_ob, s_on, s_oh, s_od, s_pb, s_pn, s_ph, s_pd,
     s_qb, s_qn, s_qh, s_qd, s_kb, s_kn, s_kh, s_kd, s_fb, s_fn,
     HAS_K: tl.constexpr, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
     INVERSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
-    """Program p handles tokens [p*rows_per_program, …); weight-gradient partials go to
-    DW[t, p, :] (t = 0 for q, 1 for k), an fp32 (2, P, d) buffer."""
+    """Program p handles tokens [p * tokens_per_program, …), loading one token ahead; weight-gradient
+    partials go to DW[t, 0, p, :] (t = 0 for q, 1 for k), an fp32 (2, 1, P, d) buffer."""
     pid = tl.program_id(0)
-    qa = tl.zeros([BLOCK_HALF], dtype=tl.float32)
-    qb = tl.zeros([BLOCK_HALF], dtype=tl.float32)
-    ka = tl.zeros([BLOCK_HALF], dtype=tl.float32)
-    kb = tl.zeros([BLOCK_HALF], dtype=tl.float32)
-    row_begin = pid * rows_per_program
-    row_end = tl.minimum(row_begin + rows_per_program, M)
-    for r in range(row_begin, row_end):
-        row = tl.cast(r, tl.int64)
+    h = tl.arange(0, BLOCK_H)
+    h_ok = h < H
+    h = h.to(tl.int64)
+    zero = tl.zeros([BLOCK_HALF], dtype=tl.float32)
+    qa_acc, qb_acc, ka_acc, kb_acc = zero, zero, zero, zero
+    wqa = None
+    wqb = None
+    wka = None
+    wkb = None
+    if HAS_NORM:
+        wqa, wqb = _weight_pairs(QW, HALF, INTERLEAVED, BLOCK_HALF)
+        if HAS_K:
+            wka, wkb = _weight_pairs(KW, HALF, INTERLEAVED, BLOCK_HALF)
+    row = pid.to(tl.int64) * tokens_per_program + tl.zeros([1], dtype=tl.int64)  # [1]: see the forward kernel
+    row_end = tl.minimum(row + tokens_per_program, M)
+    ok = row < row_end
+    b = row // N
+    n = row - b * N
+    m = h_ok[:, None] & ok[None, :]
+    ng = _load_raw(DQO, b * s_ob + n * s_on + h * s_oh, s_od, HALF, m, INTERLEAVED, BLOCK_HALF)
+    nx = ng
+    nr = tl.zeros([BLOCK_H], dtype=tl.float32)
+    if HAS_NORM:
+        nx = _load_raw(Q, b * s_qb + n * s_qn + h * s_qh, s_qd, HALF, m, INTERLEAVED, BLOCK_HALF)
+        nr = tl.load(QRSTD + row * H + h, mask=h_ok & ok, other=0.0)
+    nkg, nkx, nkr = ng, nx, nr
+    if HAS_K:
+        nkg = _load_raw(DKO, b * s_pb + n * s_pn + h * s_ph, s_pd, HALF, m, INTERLEAVED, BLOCK_HALF)
+        if HAS_NORM:
+            nkx = _load_raw(K, b * s_kb + n * s_kn + h * s_kh, s_kd, HALF, m, INTERLEAVED, BLOCK_HALF)
+            nkr = tl.load(KRSTD + row * H + h, mask=h_ok & ok, other=0.0)
+    nt = tl.zeros([2 * BLOCK_HALF], dtype=tl.float32)
+    if HAS_ROPE:
+        nt = _load_table(FREQS, b, n, s_fb, s_fn, HALF, ok, BLOCK_HALF)
+    for _ in range(0, tokens_per_program):
+        (ga, gb), (xa, xb), q_rstd = ng, nx, nr
+        (kga, kgb), (kxa, kxb), k_rstd, table_row = nkg, nkx, nkr, nt
+        cur_row, cur_ok = row, ok
+        row += 1
+        ok = row < row_end
         b = row // N
         n = row - b * N
-        cos = None
-        sin = None
-        if HAS_ROPE:
-            cos, sin = _cos_sin(FREQS, b, n, s_fb, s_fn, HALF, BLOCK_HALF)
-            if INVERSE:
-                sin = -sin
-        qa, qb = _bwd_one(DQO, Q, DQ, QW, QRSTD, row, b, n, H, HALF, cos, sin, qa, qb,
-                          s_ob, s_on, s_oh, s_od, s_qb, s_qn, s_qh, s_qd,
-                          HAS_NORM, HAS_ROPE, INTERLEAVED, BLOCK_H, BLOCK_HALF)
+        m = h_ok[:, None] & ok[None, :]
+        ng = _load_raw(DQO, b * s_ob + n * s_on + h * s_oh, s_od, HALF, m, INTERLEAVED, BLOCK_HALF)
+        if HAS_NORM:
+            nx = _load_raw(Q, b * s_qb + n * s_qn + h * s_qh, s_qd, HALF, m, INTERLEAVED, BLOCK_HALF)
+            nr = tl.load(QRSTD + row * H + h, mask=h_ok & ok, other=0.0)
         if HAS_K:
-            ka, kb = _bwd_one(DKO, K, DK, KW, KRSTD, row, b, n, H, HALF, cos, sin, ka, kb,
-                              s_pb, s_pn, s_ph, s_pd, s_kb, s_kn, s_kh, s_kd,
-                              HAS_NORM, HAS_ROPE, INTERLEAVED, BLOCK_H, BLOCK_HALF)
+            nkg = _load_raw(DKO, b * s_pb + n * s_pn + h * s_ph, s_pd, HALF, m, INTERLEAVED, BLOCK_HALF)
+            if HAS_NORM:
+                nkx = _load_raw(K, b * s_kb + n * s_kn + h * s_kh, s_kd, HALF, m, INTERLEAVED, BLOCK_HALF)
+                nkr = tl.load(KRSTD + row * H + h, mask=h_ok & ok, other=0.0)
+        if HAS_ROPE:
+            nt = _load_table(FREQS, b, n, s_fb, s_fn, HALF, ok, BLOCK_HALF)
+        cos = table_row
+        sin = table_row
+        if HAS_ROPE:
+            cos, sin = _cos_sin(table_row, INVERSE, BLOCK_HALF)
+        mask = h_ok[:, None] & cur_ok[None, :]
+        dx_offsets = cur_row * H * 2 * HALF + h * 2 * HALF  # dq, dk are contiguous (B, N, H, d)
+        qa_acc, qb_acc = _bwd_token(ga, gb, xa, xb, q_rstd, DQ, dx_offsets, HALF, mask, wqa, wqb, cos, sin,
+                                    qa_acc, qb_acc, HAS_NORM, HAS_ROPE, INTERLEAVED, BLOCK_HALF)
+        if HAS_K:
+            ka_acc, kb_acc = _bwd_token(kga, kgb, kxa, kxb, k_rstd, DK, dx_offsets, HALF, mask, wka, wkb, cos, sin,
+                                        ka_acc, kb_acc, HAS_NORM, HAS_ROPE, INTERLEAVED, BLOCK_HALF)
     if HAS_NORM:
-        base = pid.to(tl.int64) * 2 * HALF
+        base = tl.zeros([1], dtype=tl.int64) + pid.to(tl.int64) * 2 * HALF
         ones = tl.full([1, 1], 1, tl.int1)
-        _store_pairs(DW, tl.zeros([1], dtype=tl.int64) + base, 1, HALF, ones, qa[None, :], qb[None, :],
-                     INTERLEAVED, BLOCK_HALF)
+        _store_pairs(DW, base, 1, HALF, ones, qa_acc[None, :], qb_acc[None, :], INTERLEAVED, BLOCK_HALF)
         if HAS_K:
             plane = tl.num_programs(0).to(tl.int64) * 2 * HALF
-            _store_pairs(DW, tl.zeros([1], dtype=tl.int64) + plane + base, 1, HALF, ones, ka[None, :],
-                         kb[None, :], INTERLEAVED, BLOCK_HALF)
+            _store_pairs(DW, base + plane, 1, HALF, ones, ka_acc[None, :], kb_acc[None, :], INTERLEAVED, BLOCK_HALF)
 
 
 # ------------------------------------------------------------------------------------------ launchers
@@ -205,10 +283,18 @@ def _config(H: int, d: int, num_warps: Optional[int] = None):
     return block_h, block_half, num_warps or _utils.warps_for(2 * block_h * block_half, lo=1, hi=8)
 
 
+def _programs(M: int, device: torch.device, programs_per_sm: int):
+    """(programs, tokens_per_program) covering M tokens with about ``programs_per_sm`` per processor."""
+    if M == 0:
+        return 0, 1
+    per_program = triton.cdiv(M, max(1, min(M, programs_per_sm * _utils.processor_count(device))))
+    return triton.cdiv(M, per_program), per_program
+
+
 def qk_norm_rope_fwd(q: torch.Tensor, k: Optional[torch.Tensor] = None, q_weight: Optional[torch.Tensor] = None,
                      k_weight: Optional[torch.Tensor] = None, freqs: Optional[torch.Tensor] = None,
                      eps: float = 1e-6, interleaved: bool = True, inverse: bool = False, inplace: bool = False,
-                     num_warps: Optional[int] = None):
+                     num_warps: Optional[int] = None, programs_per_sm: int = 8):
     """Returns (q_out, k_out, q_rstd, k_rstd): k_out is None without k; the rstd are fp32 (B, N, H)
     (None without the norm). With ``inplace=True`` the outputs are q and k themselves."""
     B, N, H, d = q.shape
@@ -221,11 +307,13 @@ def qk_norm_rope_fwd(q: torch.Tensor, k: Optional[torch.Tensor] = None, q_weight
     k_rstd = _utils.new_empty((B, N, H), torch.float32, q.device) if has_norm and k is not None else None
     block_h, block_half, warps = _config(H, d, num_warps)
     kk, ko = (k, k_out) if k is not None else (q, q_out)
-    if B * N > 0 and H > 0:
-        _qk_norm_rope_fwd_kernel[(B * N,)](
+    programs, per_program = _programs(B * N, q.device, programs_per_sm)
+    if programs > 0 and H > 0:
+        _qk_norm_rope_fwd_kernel[(programs,)](
             q, kk, q_out, ko, q_weight if has_norm else q, k_weight if (has_norm and k is not None) else q,
             freqs if freqs is not None else q, q_rstd if has_norm else q, k_rstd if k_rstd is not None else q,
-            N, H, d // 2, eps, *q.stride(), *kk.stride(), *q_out.stride(), *ko.stride(), *_table_strides(freqs),
+            B * N, N, H, d // 2, eps, per_program, *q.stride(), *kk.stride(), *q_out.stride(), *ko.stride(),
+            *_table_strides(freqs),
             HAS_K=k is not None, HAS_NORM=has_norm, HAS_ROPE=freqs is not None, INTERLEAVED=interleaved,
             INVERSE=inverse, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=warps)
     return q_out, k_out, q_rstd, k_rstd
@@ -234,21 +322,19 @@ def qk_norm_rope_fwd(q: torch.Tensor, k: Optional[torch.Tensor] = None, q_weight
 def qk_norm_rope_bwd(dq_out: torch.Tensor, dk_out: Optional[torch.Tensor], q: torch.Tensor,
                      k: Optional[torch.Tensor], q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor],
                      freqs: Optional[torch.Tensor], q_rstd: Optional[torch.Tensor], k_rstd: Optional[torch.Tensor],
-                     interleaved: bool = True, inverse: bool = False, programs_per_sm: int = 4,
+                     interleaved: bool = True, inverse: bool = False, programs_per_sm: int = 8,
                      num_warps: Optional[int] = None):
     """Returns (dq, dk, dq_weight, dk_weight); entries are None where the input was absent."""
     B, N, H, d = q.shape
     has_norm, has_k = q_weight is not None, k is not None
     if not has_norm:  # no reduction: the backward of a rotation is a rotation (one program per token)
         dq, dk, _, _ = qk_norm_rope_fwd(dq_out, dk_out, freqs=freqs, interleaved=interleaved, inverse=not inverse,
-                                        num_warps=num_warps)
+                                        num_warps=num_warps, programs_per_sm=programs_per_sm)
         return dq, dk, None, None
     if freqs is not None:
         freqs = freqs if freqs.stride(-1) == 1 and freqs.stride(-2) == 2 else freqs.contiguous()
     M = B * N
-    programs = max(1, min(M, programs_per_sm * _utils.processor_count(q.device)))
-    rows_per_program = triton.cdiv(M, programs) if M else 1
-    programs = triton.cdiv(M, rows_per_program) if M else 0
+    programs, rows_per_program = _programs(M, q.device, programs_per_sm)
     dq = _utils.new_empty((B, N, H, d), q.dtype, q.device)
     dk = _utils.new_empty((B, N, H, d), k.dtype, k.device) if has_k else None
     partials = _utils.new_empty((2 if has_k else 1, 1, programs, d), torch.float32, q.device)

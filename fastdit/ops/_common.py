@@ -91,7 +91,11 @@ def join_reasons(*reasons: Optional[str]) -> Optional[str]:
 
 def use_triton(op: str, backend: Optional[str], unsupported_reason: Callable[[], Optional[str]],
                kernel_ready: bool) -> bool:
-    """Decide between the ``torch.library`` op (Triton) and the reference for one call.
+    """Decide between the fast path (Triton) and the reference for one call.
+
+    The fast path is the ``torch.library`` op under torch.compile (what the compiler traces, opaque)
+    and, in eager mode, an ``autograd.Function`` around the same implementation (the library op's
+    Python-level autograd costs tens of microseconds per call on the host); both compute the same bits.
 
     ``unsupported_reason`` returns why the Triton kernel cannot take these inputs (or None);
     ``kernel_ready`` says whether a Triton kernel exists for the op on this device. Under ``"auto"``
@@ -106,6 +110,10 @@ def use_triton(op: str, backend: Optional[str], unsupported_reason: Callable[[],
             fail(op, f"backend='triton' cannot run these inputs: {reason}")
         return True
     return kernel_ready and reason is None
+
+
+def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def owned_outputs(outputs, inputs):

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from fastdit.ops._common import (check, check_floating, check_same_device, compute_dtype, join_reasons,
-                                 kernel_can_run, owned_outputs, shape_str, triton_device_reason,
+                                 kernel_can_run, needs_grad, owned_outputs, shape_str, triton_device_reason,
                                  triton_dtype_reason, use_triton)
 
 # A Triton kernel backs the library op (fastdit.kernels.adaln): "auto" takes it on CUDA.
@@ -126,16 +126,30 @@ def adaln_modulate_backward_ref(dy: Tensor, x: Tensor, shift: Tensor, scale: Ten
 
 
 # --------------------------------------------------------------------------------------------------
-# torch.library op: opaque to torch.compile (no graph break), autograd through a backward op.
-# It launches the Triton kernel where one can run, and computes with the reference math elsewhere.
+# The fast path: the Triton kernel where it can run, the reference math elsewhere (float64, say).
+# Wrapped twice with the same functions: a torch.library op (for torch.compile, opcheck) and an
+# autograd.Function (eager calls, with far less host overhead).
 
 
-@torch.library.custom_op("fastdit::adaln_modulate", mutates_args=())
-def _adaln_modulate_op(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+def _forward_impl(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     if kernel_can_run(x, shift, scale):
         from fastdit.kernels.adaln import adaln_fwd
         return adaln_fwd(x, shift, scale, eps)
     return owned_outputs(_adaln_forward_math(x, shift, scale, eps), (x, shift, scale))
+
+
+def _backward_impl(dy: Tensor, x: Tensor, shift: Tensor, scale: Tensor, mean: Tensor,
+                   rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    if kernel_can_run(dy, x, shift, scale):
+        from fastdit.kernels.adaln import adaln_bwd
+        return adaln_bwd(dy, x, shift, scale, mean, rstd)
+    return owned_outputs(adaln_modulate_backward_ref(dy, x, shift, scale, mean, rstd),
+                         (dy, x, shift, scale, mean, rstd))
+
+
+_adaln_modulate_op = torch.library.custom_op("fastdit::adaln_modulate", mutates_args=())(_forward_impl)
+_adaln_modulate_backward_op = torch.library.custom_op("fastdit::adaln_modulate_backward",
+                                                      mutates_args=())(_backward_impl)
 
 
 @_adaln_modulate_op.register_fake
@@ -144,16 +158,6 @@ def _(x, shift, scale, eps):
     B, N, _ = x.shape
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((B, N), dtype=acc), \
         x.new_empty((B, N), dtype=acc)
-
-
-@torch.library.custom_op("fastdit::adaln_modulate_backward", mutates_args=())
-def _adaln_modulate_backward_op(dy: Tensor, x: Tensor, shift: Tensor, scale: Tensor, mean: Tensor,
-                                rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    if kernel_can_run(dy, x, shift, scale):
-        from fastdit.kernels.adaln import adaln_bwd
-        return adaln_bwd(dy, x, shift, scale, mean, rstd)
-    return owned_outputs(adaln_modulate_backward_ref(dy, x, shift, scale, mean, rstd),
-                         (dy, x, shift, scale, mean, rstd))
 
 
 @_adaln_modulate_backward_op.register_fake
@@ -179,6 +183,20 @@ def _adaln_backward(ctx, dy, _dmean, _drstd):
 _adaln_modulate_op.register_autograd(_adaln_backward, setup_context=_adaln_setup_context)
 
 
+class _AdaLNFunction(torch.autograd.Function):
+    """Eager fast path: the library op's implementation, without its Python-level autograd wrapper."""
+
+    @staticmethod
+    def forward(ctx, x, shift, scale, eps):
+        y, mean, rstd = _forward_impl(x, shift, scale, eps)
+        ctx.save_for_backward(x, shift, scale, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return (*_backward_impl(dy, *ctx.saved_tensors), None)
+
+
 def triton_unsupported_reason(x: Tensor, shift: Tensor, scale: Tensor) -> Optional[str]:
     """Why the Triton kernel cannot take these (already validated) inputs, or None."""
     return join_reasons(
@@ -197,5 +215,9 @@ def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6, *
     check_modulation_inputs("adaln_modulate", x, shift=shift, scale=scale)
     if use_triton("adaln_modulate", backend, lambda: triton_unsupported_reason(x, shift, scale),
                   KERNEL_READY and x.is_cuda):
-        return torch.ops.fastdit.adaln_modulate(x, shift, scale, eps)[0]
+        if torch.compiler.is_compiling():
+            return torch.ops.fastdit.adaln_modulate(x, shift, scale, eps)[0]
+        if needs_grad(x, shift, scale):
+            return _AdaLNFunction.apply(x, shift, scale, eps)
+        return _forward_impl(x, shift, scale, eps)[0]
     return _adaln_forward_math(x, shift, scale, eps)[0]

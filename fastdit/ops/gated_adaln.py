@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fastdit.ops._common import (check, check_floating, check_same_device, compute_dtype, join_reasons,
-                                 kernel_can_run, owned_outputs, shape_str, triton_device_reason,
+                                 kernel_can_run, needs_grad, owned_outputs, shape_str, triton_device_reason,
                                  triton_dtype_reason, use_triton)
 from fastdit.ops.adaln import (MAX_TRITON_D, _adaln_forward_math, check_modulation_inputs,
                                layer_norm_modulate_backward_math, per_token, reduce_to)
@@ -69,13 +69,30 @@ def gated_residual_adaln_backward_ref(dx_new: Tensor, dout: Tensor, x_new: Tenso
             reduce_to(dshift, shift).to(shift.dtype), reduce_to(dscale, scale).to(scale.dtype))
 
 
-@torch.library.custom_op("fastdit::gated_residual_adaln", mutates_args=())
-def _gated_op(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float
-              ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+# The fast path (kernel, or reference math where it cannot run), wrapped as a torch.library op (for
+# torch.compile, opcheck) and as an autograd.Function (eager calls): see fastdit.ops.adaln.
+
+
+def _forward_impl(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     if kernel_can_run(x, y, gate, shift, scale):
         from fastdit.kernels.adaln import adaln_fwd
         return adaln_fwd(x, shift, scale, eps, res=y, gate=gate)
     return owned_outputs(_gated_forward_math(x, y, gate, shift, scale, eps), (x, y, gate, shift, scale))
+
+
+def _backward_impl(dx_new: Tensor, dout: Tensor, x_new: Tensor, y: Tensor, gate: Tensor, shift: Tensor,
+                   scale: Tensor, mean: Tensor, rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    inputs = (dx_new, dout, x_new, y, gate, shift, scale, mean, rstd)
+    if kernel_can_run(dx_new, dout, x_new, y, gate, shift, scale):
+        from fastdit.kernels.adaln import adaln_bwd
+        return adaln_bwd(dout, x_new, shift, scale, mean, rstd, res=y, gate=gate, dx_new=dx_new)
+    return owned_outputs(gated_residual_adaln_backward_ref(*inputs), inputs)
+
+
+_gated_op = torch.library.custom_op("fastdit::gated_residual_adaln", mutates_args=())(_forward_impl)
+_gated_backward_op = torch.library.custom_op("fastdit::gated_residual_adaln_backward",
+                                             mutates_args=())(_backward_impl)
 
 
 @_gated_op.register_fake
@@ -84,16 +101,6 @@ def _(x, y, gate, shift, scale, eps):
     B, N, _ = x.shape
     like_x = torch.empty_like(x, memory_format=torch.contiguous_format)
     return like_x, torch.empty_like(like_x), x.new_empty((B, N), dtype=acc), x.new_empty((B, N), dtype=acc)
-
-
-@torch.library.custom_op("fastdit::gated_residual_adaln_backward", mutates_args=())
-def _gated_backward_op(dx_new: Tensor, dout: Tensor, x_new: Tensor, y: Tensor, gate: Tensor, shift: Tensor,
-                       scale: Tensor, mean: Tensor, rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    inputs = (dx_new, dout, x_new, y, gate, shift, scale, mean, rstd)
-    if kernel_can_run(dx_new, dout, x_new, y, gate, shift, scale):
-        from fastdit.kernels.adaln import adaln_bwd
-        return adaln_bwd(dout, x_new, shift, scale, mean, rstd, res=y, gate=gate, dx_new=dx_new)
-    return owned_outputs(gated_residual_adaln_backward_ref(*inputs), inputs)
 
 
 @_gated_backward_op.register_fake
@@ -122,6 +129,21 @@ def _gated_backward(ctx, dx_new, dout, _dmean, _drstd):
 _gated_op.register_autograd(_gated_backward, setup_context=_gated_setup_context)
 
 
+class _GatedFunction(torch.autograd.Function):
+    """Eager fast path (see fastdit.ops.adaln._AdaLNFunction). Unused outputs get zero gradients."""
+
+    @staticmethod
+    def forward(ctx, x, y, gate, shift, scale, eps):
+        x_new, out, mean, rstd = _forward_impl(x, y, gate, shift, scale, eps)
+        ctx.save_for_backward(x_new, y, gate, shift, scale, mean, rstd)
+        return x_new, out
+
+    @staticmethod
+    def backward(ctx, dx_new, dout):
+        x_new, y, gate, shift, scale, mean, rstd = ctx.saved_tensors
+        return (*_backward_impl(dx_new, dout, x_new, y, gate, shift, scale, mean, rstd), None)
+
+
 def triton_unsupported_reason(x, y, gate, shift, scale) -> Optional[str]:
     return join_reasons(
         triton_device_reason(x), triton_dtype_reason(x=x, y=y, gate=gate, shift=shift, scale=scale),
@@ -138,7 +160,11 @@ def gated_residual_adaln(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scal
     _check_inputs(x, y, gate, shift, scale)
     if use_triton(_OP, backend, lambda: triton_unsupported_reason(x, y, gate, shift, scale),
                   KERNEL_READY and x.is_cuda):
-        x_new, out, _, _ = torch.ops.fastdit.gated_residual_adaln(x, y, gate, shift, scale, eps)
-        return x_new, out
+        if torch.compiler.is_compiling():
+            x_new, out, _, _ = torch.ops.fastdit.gated_residual_adaln(x, y, gate, shift, scale, eps)
+            return x_new, out
+        if needs_grad(x, y, gate, shift, scale):
+            return _GatedFunction.apply(x, y, gate, shift, scale, eps)
+        return _forward_impl(x, y, gate, shift, scale, eps)[:2]
     x_new, out, _, _ = _gated_forward_math(x, y, gate, shift, scale, eps)
     return x_new, out

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from fastdit.ops import rmsnorm, rotary
 from fastdit.ops._common import (check, check_floating, check_same_device, join_reasons, kernel_can_run,
-                                 owned_outputs, shape_str, triton_device_reason, triton_dtype_reason, use_triton)
+                                 needs_grad, owned_outputs, shape_str, triton_device_reason, triton_dtype_reason,
+                                 use_triton)
 
 KERNEL_READY = True
 _OP = "qk_norm_rope"
@@ -87,9 +88,11 @@ def _backward_math(dq_out, dk_out, q, k, q_weight, k_weight, freqs, q_rstd, k_rs
     return grads[0], grads[1], dweights[0], dweights[1]
 
 
-@torch.library.custom_op("fastdit::qk_norm_rope", mutates_args=())
-def _qk_norm_rope_op(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor],
-                     freqs: Optional[Tensor], eps: float, interleaved: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+# The fast path (one kernel launch for q and k, or reference math where it cannot run), wrapped as a
+# torch.library op (torch.compile, opcheck) and an autograd.Function (eager calls): see fastdit.ops.adaln.
+
+def _forward_impl(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor],
+                  freqs: Optional[Tensor], eps: float, interleaved: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     if kernel_can_run(q, k, q_weight, k_weight) and (freqs is None or freqs.dtype == torch.float32):
         from fastdit.kernels.qk_norm_rope import qk_norm_rope_fwd
         q_out, k_out, q_rstd, k_rstd = qk_norm_rope_fwd(q, k, q_weight, k_weight, freqs, eps, interleaved)
@@ -100,19 +103,9 @@ def _qk_norm_rope_op(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight:
                          (q, k, q_weight, k_weight, freqs))
 
 
-@_qk_norm_rope_op.register_fake
-def _(q, k, q_weight, k_weight, freqs, eps, interleaved):
-    acc = torch.promote_types(torch.float32, q.dtype)
-    stats = q.shape[:-1] if q_weight is not None else (0,)
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format),
-            q.new_empty(stats, dtype=acc), k.new_empty(stats, dtype=acc))
-
-
-@torch.library.custom_op("fastdit::qk_norm_rope_backward", mutates_args=())
-def _qk_norm_rope_backward_op(dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor, q_weight: Optional[Tensor],
-                              k_weight: Optional[Tensor], freqs: Optional[Tensor], q_rstd: Tensor, k_rstd: Tensor,
-                              interleaved: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _backward_impl(dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor, q_weight: Optional[Tensor],
+                   k_weight: Optional[Tensor], freqs: Optional[Tensor], q_rstd: Tensor, k_rstd: Tensor,
+                   interleaved: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     has_norm = q_weight is not None
     if kernel_can_run(dq_out, dk_out, q, k, q_weight, k_weight) and (freqs is None or freqs.dtype == torch.float32):
         from fastdit.kernels.qk_norm_rope import qk_norm_rope_bwd
@@ -124,6 +117,20 @@ def _qk_norm_rope_backward_op(dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tens
     inputs = (dq_out, dk_out, q, k, q_weight, k_weight, freqs, q_rstd, k_rstd)
     return owned_outputs(_backward_math(dq_out, dk_out, q, k, q_weight, k_weight, freqs, q_rstd, k_rstd,
                                         interleaved), inputs)
+
+
+_qk_norm_rope_op = torch.library.custom_op("fastdit::qk_norm_rope", mutates_args=())(_forward_impl)
+_qk_norm_rope_backward_op = torch.library.custom_op("fastdit::qk_norm_rope_backward",
+                                                    mutates_args=())(_backward_impl)
+
+
+@_qk_norm_rope_op.register_fake
+def _(q, k, q_weight, k_weight, freqs, eps, interleaved):
+    acc = torch.promote_types(torch.float32, q.dtype)
+    stats = q.shape[:-1] if q_weight is not None else (0,)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            q.new_empty(stats, dtype=acc), k.new_empty(stats, dtype=acc))
 
 
 @_qk_norm_rope_backward_op.register_fake
@@ -154,6 +161,26 @@ def _backward(ctx, dq_out, dk_out, _dq_rstd, _dk_rstd):
 _qk_norm_rope_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _QKNormRopeFunction(torch.autograd.Function):
+    """Eager fast path (see fastdit.ops.adaln._AdaLNFunction)."""
+
+    @staticmethod
+    def forward(ctx, q, k, q_weight, k_weight, freqs, eps, interleaved):
+        q_out, k_out, q_rstd, k_rstd = _forward_impl(q, k, q_weight, k_weight, freqs, eps, interleaved)
+        ctx.save_for_backward(q, k, q_weight, k_weight, freqs, q_rstd, k_rstd)
+        ctx.interleaved = interleaved
+        return q_out, k_out
+
+    @staticmethod
+    def backward(ctx, dq_out, dk_out):
+        q, k, q_weight, k_weight, freqs, q_rstd, k_rstd = ctx.saved_tensors
+        dq, dk, dqw, dkw = _backward_impl(dq_out, dk_out, q, k, q_weight, k_weight, freqs, q_rstd, k_rstd,
+                                          ctx.interleaved)
+        if q_weight is None:
+            dqw = dkw = None
+        return dq, dk, dqw, dkw, None, None, None
+
+
 def triton_unsupported_reason(q, k, q_weight, k_weight, freqs) -> Optional[str]:
     return join_reasons(
         triton_device_reason(q), triton_dtype_reason(q=q, k=k, q_weight=q_weight, k_weight=k_weight),
@@ -169,7 +196,11 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor] = None, k_weig
     _check_inputs(q, k, q_weight, k_weight, freqs)
     if use_triton(_OP, backend, lambda: triton_unsupported_reason(q, k, q_weight, k_weight, freqs),
                   KERNEL_READY and q.is_cuda):
-        q_out, k_out, _, _ = torch.ops.fastdit.qk_norm_rope(q, k, q_weight, k_weight, freqs, eps, interleaved)
-        return q_out, k_out
+        if torch.compiler.is_compiling():
+            q_out, k_out, _, _ = torch.ops.fastdit.qk_norm_rope(q, k, q_weight, k_weight, freqs, eps, interleaved)
+            return q_out, k_out
+        if needs_grad(q, k, q_weight, k_weight):
+            return _QKNormRopeFunction.apply(q, k, q_weight, k_weight, freqs, eps, interleaved)
+        return _forward_impl(q, k, q_weight, k_weight, freqs, eps, interleaved)[:2]
     q_out, k_out, _, _ = _forward_math(q, k, q_weight, k_weight, freqs, eps, interleaved)
     return q_out, k_out

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fastdit.ops._common import (check, check_floating, check_same_device, compute_dtype, join_reasons,
-                                 kernel_can_run, owned_outputs, shape_str, triton_device_reason,
+                                 kernel_can_run, needs_grad, owned_outputs, shape_str, triton_device_reason,
                                  triton_dtype_reason, use_triton)
 
 KERNEL_READY = True  # fastdit.kernels.qk_norm_rope, norm only
@@ -67,8 +67,10 @@ def _as_heads(x: Tensor) -> Tensor:
     return x if x.dim() == 4 else x.reshape(1, -1, 1, x.shape[-1])
 
 
-@torch.library.custom_op("fastdit::rms_norm", mutates_args=())
-def _rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+# The fast path (kernel, or reference math where it cannot run), wrapped as a torch.library op (for
+# torch.compile, opcheck) and as an autograd.Function (eager calls): see fastdit.ops.adaln.
+
+def _forward_impl(x: Tensor, weight: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     if kernel_can_run(x, weight):
         from fastdit.kernels.qk_norm_rope import qk_norm_rope_fwd
         y, _, rstd, _ = qk_norm_rope_fwd(_as_heads(x), q_weight=weight, eps=eps)
@@ -76,14 +78,7 @@ def _rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> Tuple[Tensor, Tensor]
     return owned_outputs(_forward_math(x, weight, eps), (x, weight))
 
 
-@_rms_norm_op.register_fake
-def _(x, weight, eps):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            x.new_empty(x.shape[:-1], dtype=compute_dtype(x, weight)))
-
-
-@torch.library.custom_op("fastdit::rms_norm_backward", mutates_args=())
-def _rms_norm_backward_op(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> Tuple[Tensor, Tensor]:
+def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> Tuple[Tensor, Tensor]:
     if kernel_can_run(dy, x, weight):
         from fastdit.kernels.qk_norm_rope import qk_norm_rope_bwd
         x4 = _as_heads(x)
@@ -91,6 +86,16 @@ def _rms_norm_backward_op(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -
                                              rstd.reshape(x4.shape[:-1]), None)
         return dx.view(x.shape), dweight
     return owned_outputs(rms_norm_backward_ref(dy, x, weight, rstd), (dy, x, weight, rstd))
+
+
+_rms_norm_op = torch.library.custom_op("fastdit::rms_norm", mutates_args=())(_forward_impl)
+_rms_norm_backward_op = torch.library.custom_op("fastdit::rms_norm_backward", mutates_args=())(_backward_impl)
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(x.shape[:-1], dtype=compute_dtype(x, weight)))
 
 
 @_rms_norm_backward_op.register_fake
@@ -113,6 +118,20 @@ def _backward(ctx, dy, _drstd):
 _rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """Eager fast path (see fastdit.ops.adaln._AdaLNFunction)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = _forward_impl(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return (*_backward_impl(dy, *ctx.saved_tensors), None)
+
+
 def triton_unsupported_reason(x: Tensor, weight: Tensor) -> Optional[str]:
     return join_reasons(
         triton_device_reason(x), triton_dtype_reason(x=x, weight=weight),
@@ -124,5 +143,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, backend: Optional[
     """RMSNorm of the last dim with learned ``weight``; x: (..., d), weight: (d,)."""
     _check_inputs(x, weight)
     if use_triton(_OP, backend, lambda: triton_unsupported_reason(x, weight), KERNEL_READY and x.is_cuda):
-        return torch.ops.fastdit.rms_norm(x, weight, eps)[0]
+        if torch.compiler.is_compiling():
+            return torch.ops.fastdit.rms_norm(x, weight, eps)[0]
+        if needs_grad(x, weight):
+            return _RMSNormFunction.apply(x, weight, eps)
+        return _forward_impl(x, weight, eps)[0]
     return _forward_math(x, weight, eps)[0]

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fastdit.ops._common import (check, check_floating, check_same_device, compute_dtype, fail, join_reasons,
-                                 kernel_can_run, owned_outputs, shape_str, triton_device_reason,
+                                 kernel_can_run, needs_grad, owned_outputs, shape_str, triton_device_reason,
                                  triton_dtype_reason, use_triton)
 
 KERNEL_READY = True  # fastdit.kernels.qk_norm_rope, rotation only
@@ -135,12 +135,16 @@ def _kernel_takes(x: Tensor, freqs: Tensor) -> bool:
     return kernel_can_run(x) and freqs.dtype == torch.float32
 
 
-@torch.library.custom_op("fastdit::rope", mutates_args=())
-def _rope_op(x: Tensor, freqs: Tensor, interleaved: bool, inverse: bool) -> Tensor:
+def _forward_impl(x: Tensor, freqs: Tensor, interleaved: bool, inverse: bool) -> Tensor:
+    """The kernel where it can run, the reference math elsewhere; wrapped as the library op (torch.compile,
+    opcheck) and as an autograd.Function (eager calls): see fastdit.ops.adaln."""
     if _kernel_takes(x, freqs):
         from fastdit.kernels.qk_norm_rope import qk_norm_rope_fwd
         return qk_norm_rope_fwd(x, freqs=freqs, interleaved=interleaved, inverse=inverse)[0]
     return owned_outputs((_forward_math(x, freqs, interleaved, inverse),), (x, freqs))[0]
+
+
+_rope_op = torch.library.custom_op("fastdit::rope", mutates_args=())(_forward_impl)
 
 
 @_rope_op.register_fake
@@ -163,6 +167,21 @@ def _backward(ctx, dy):
 _rope_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _RopeFunction(torch.autograd.Function):
+    """Eager fast path (see fastdit.ops.adaln._AdaLNFunction); the table gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, freqs, interleaved, inverse):
+        ctx.save_for_backward(freqs)
+        ctx.interleaved, ctx.inverse = interleaved, inverse
+        return _forward_impl(x, freqs, interleaved, inverse)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (freqs,) = ctx.saved_tensors
+        return _forward_impl(dy.contiguous(), freqs, ctx.interleaved, not ctx.inverse), None, None, None
+
+
 def triton_unsupported_reason(x: Tensor, freqs: Tensor) -> Optional[str]:
     return join_reasons(
         triton_device_reason(x), triton_dtype_reason(x=x),
@@ -175,7 +194,11 @@ def rope(x: Tensor, freqs: Tensor, interleaved: bool = True, inverse: bool = Fal
     """Rotate channel pairs of x (B, N, H, d) by ``freqs`` (N, d/2, 2) or (B, N, d/2, 2)."""
     _check_inputs(x, freqs)
     if use_triton(_OP, backend, lambda: triton_unsupported_reason(x, freqs), KERNEL_READY and x.is_cuda):
-        return torch.ops.fastdit.rope(x, freqs, interleaved, inverse)
+        if torch.compiler.is_compiling():
+            return torch.ops.fastdit.rope(x, freqs, interleaved, inverse)
+        if needs_grad(x):
+            return _RopeFunction.apply(x, freqs, interleaved, inverse)
+        return _forward_impl(x, freqs, interleaved, inverse)
     return _forward_math(x, freqs, interleaved, inverse)
 
 

@@ -155,3 +155,40 @@ def test_bad_inputs(device):
         qk_norm_rope(q, k[:, :4])
     with pytest.raises(ValueError, match=r"q_weight must be \(64,\)"):
         qk_norm_rope(q, k, torch.ones(32, device=device), torch.ones(32, device=device))
+
+
+def test_every_launch_configuration_computes_the_same(device):
+    """Tokens per program (with prefetch) and warps: any configuration gives the same result."""
+    q, k = (t.detach() for t in _qkv(2, 13, 3, 72, torch.bfloat16, device))
+    w1, w2 = (torch.randn(72, device=device) for _ in range(2))
+    freqs = _table("2d", 2, 13, 72, device)
+    want = qk_norm_rope_fwd(q, k, w1, w2, freqs, programs_per_sm=1000)  # one token per program
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    want_bwd = qk_norm_rope_bwd(dq, dk, q, k, w1, w2, freqs, want[2], want[3], programs_per_sm=1000)
+    for pps, warps in ((1, 1), (2, 4), (3, 2)):
+        got = qk_norm_rope_fwd(q, k, w1, w2, freqs, programs_per_sm=pps, num_warps=warps)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        got = qk_norm_rope_bwd(dq, dk, q, k, w1, w2, freqs, want[2], want[3], programs_per_sm=pps, num_warps=warps)
+        for a, b in zip(got, want_bwd):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_fast_path_equals_the_library_op(device):
+    """Eager autograd.Function and library op wrap the same implementation: bitwise equal."""
+    q, k = _qkv(2, 9, 3, 64, torch.bfloat16, device)
+    qw, kw = (torch.randn(64, device=device).requires_grad_() for _ in range(2))
+    freqs = _table("2d", 2, 9, 64, device)
+    cases = [((q, k, qw, kw), lambda: qk_norm_rope(q, k, qw, kw, freqs, backend="triton"),
+              lambda: torch.ops.fastdit.qk_norm_rope(q, k, qw, kw, freqs, 1e-6, True)[:2]),
+             ((q,), lambda: (rope(q, freqs, backend="triton"),),
+              lambda: (torch.ops.fastdit.rope(q, freqs, True, False),)),
+             ((q, qw), lambda: (rms_norm(q, qw, backend="triton"),),
+              lambda: (torch.ops.fastdit.rms_norm(q, qw, 1e-6)[0],))]
+    for inputs, eager_fn, library_fn in cases:
+        eager, library = eager_fn(), library_fn()
+        cot = [torch.randn_like(o) for o in eager]
+        for a, b in zip(eager, library):
+            assert torch.equal(a, b)
+        for a, b in zip(torch.autograd.grad(eager, inputs, cot), torch.autograd.grad(library, inputs, cot)):
+            assert torch.equal(a, b)

@@ -154,3 +154,27 @@ def stock():
     """The stock blocks and helpers, for tests (importlib import mode: no `from conftest import`)."""
     return SimpleNamespace(DiTBlock=StockDiTBlock, JointBlock=StockJointBlock, Attention=StockAttention,
                            randomize_=randomize_)
+
+
+FAST_PATH_OPS = ("adaln", "gated_adaln", "qk_norm_rope", "rmsnorm", "rotary")
+
+
+@pytest.fixture
+def fast_path_calls(monkeypatch):
+    """Records ``(op module, "forward" | "backward")`` for each call into an op's fast-path implementation
+    (the function both its autograd.Function and its library op wrap)."""
+    import importlib
+
+    calls = []
+    for name in FAST_PATH_OPS:
+        module = importlib.import_module(f"fastdit.ops.{name}")
+        for attr, direction in (("_forward_impl", "forward"), ("_backward_impl", "backward")):
+            if hasattr(module, attr):
+                original = getattr(module, attr)
+
+                def counted(*args, _original=original, _key=(name, direction)):
+                    calls.append(_key)
+                    return _original(*args)
+
+                monkeypatch.setattr(module, attr, counted)
+    return calls
