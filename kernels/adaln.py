@@ -201,10 +201,15 @@ def _mod_strides(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _fwd_config(D: int, block_m: Optional[int], num_warps: Optional[int], steps: Optional[int]):
+def _fwd_config(D: int, gated: bool, block_m: Optional[int], num_warps: Optional[int], steps: Optional[int]):
+    """Defaults from benchmarks/tune_kernels.py on an H100 (2026-11-22): one row per program for D ≥ 1024
+    with 4 warps (8 for the gated form from D = 4096 on); several rows per program for small D; more
+    row blocks per program (``steps``) never won, so 1."""
     block_d = _utils.next_pow2(D)
-    block_m = block_m or max(1, min(16, 2048 // block_d))
-    return block_m, block_d, num_warps or _utils.warps_for(block_m * block_d, lo=4), steps or 1
+    block_m = block_m or max(1, min(16, 1024 // block_d))
+    if num_warps is None:
+        num_warps = 4 if block_d < (4096 if gated else 8192) else (8 if block_d < 16384 else 16)
+    return block_m, block_d, num_warps, steps or 1
 
 
 def adaln_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
@@ -221,7 +226,7 @@ def adaln_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: fl
     x_new = _utils.new_empty((B, N, D), x.dtype, x.device) if gated else out
     mean = _utils.new_empty((B, N), torch.float32, x.device)
     rstd = _utils.new_empty((B, N), torch.float32, x.device)
-    block_m, block_d, warps, steps = _fwd_config(D, block_m, num_warps, steps)
+    block_m, block_d, warps, steps = _fwd_config(D, res is not None, block_m, num_warps, steps)
     r, g = (res, gate) if gated else (x, shift)
     r_strides = r.stride() if gated else (0, 0, 0)
     g_strides = _mod_strides(g) if gated else (0, 0, 0)
@@ -236,9 +241,10 @@ def adaln_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: fl
 def _bwd_config(B: int, N: int, D: int, device: torch.device, programs_per_sm: int, min_rows: int,
                 block_m: Optional[int], num_warps: Optional[int]):
     """Chunking of each sample's tokens: enough programs to fill the GPU (``programs_per_sm``), but at
-    least ``min_rows`` rows each, since every chunk adds a row of fp32 partials per reduced tensor."""
+    least ``min_rows`` rows each, since every chunk adds a row of fp32 partials per reduced tensor.
+    Defaults from benchmarks/tune_kernels.py on an H100 (2026-11-22)."""
     block_d = _utils.next_pow2(D)
-    block_m = block_m or max(1, min(16, 2048 // block_d))
+    block_m = block_m or max(1, min(16, 1024 // block_d))
     target = programs_per_sm * _utils.processor_count(device)
     chunks = max(1, min(triton.cdiv(N, max(min_rows, block_m)), triton.cdiv(target, max(B, 1))))
     rows_per_chunk = max(block_m, triton.cdiv(triton.cdiv(N, chunks), block_m) * block_m)
@@ -249,7 +255,7 @@ def _bwd_config(B: int, N: int, D: int, device: torch.device, programs_per_sm: i
 def adaln_bwd(dout: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
               mean: torch.Tensor, rstd: torch.Tensor, *, res: Optional[torch.Tensor] = None,
               gate: Optional[torch.Tensor] = None, dx_new: Optional[torch.Tensor] = None,
-              programs_per_sm: int = 2, min_rows: int = 1, block_m: Optional[int] = None,
+              programs_per_sm: int = 4, min_rows: Optional[int] = None, block_m: Optional[int] = None,
               num_warps: Optional[int] = None):
     """LN-modulate backward. ``x`` is what was normalised (x' for the gated form).
 
@@ -260,6 +266,10 @@ def adaln_bwd(dout: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: t
     gated = res is not None
     per_token = shift.dim() == 3
     device = x.device
+    if min_rows is None:
+        min_rows = 64 if gated else 32
+    if num_warps is None and _utils.next_pow2(D) >= 1024:
+        num_warps = 8 if gated else 4
     block_m, block_d, chunks, rows_per_chunk, warps = _bwd_config(B, N, D, device, programs_per_sm, min_rows,
                                                                   block_m, num_warps)
     dx = _utils.new_empty((B, N, D), x.dtype, device)
