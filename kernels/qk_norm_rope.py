@@ -26,25 +26,31 @@ from fastdit.kernels._utils import to_dtype_rtne
 @triton.jit
 def _load_raw(ptr, row_offsets, s_d, HALF, mask, INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr):
     """Raw loads of rows [R, d] of channel pairs (issued a step before use). Interleaved rows are read
-    whole (contiguous, wide loads; the second value is the same tile); half-split as two halves."""
+    whole (contiguous, wide loads; the second value is the same tile); half-split as two halves.
+    (One exit only: Triton 3.6 checks return types across constexpr branches.)"""
     if INTERLEAVED:
         c = tl.arange(0, 2 * BLOCK_HALF)
-        x = tl.load(ptr + row_offsets[:, None] + c.to(tl.int64)[None, :] * s_d, mask=mask & (c < 2 * HALF)[None, :],
+        a = tl.load(ptr + row_offsets[:, None] + c.to(tl.int64)[None, :] * s_d, mask=mask & (c < 2 * HALF)[None, :],
                     other=0.0)
-        return x, x
-    i = tl.arange(0, BLOCK_HALF)
-    offs = row_offsets[:, None] + i.to(tl.int64)[None, :] * s_d
-    pair_mask = mask & (i < HALF)[None, :]
-    return (tl.load(ptr + offs, mask=pair_mask, other=0.0),
-            tl.load(ptr + offs + HALF * s_d, mask=pair_mask, other=0.0))
+        b = a
+    else:
+        i = tl.arange(0, BLOCK_HALF)
+        offs = row_offsets[:, None] + i.to(tl.int64)[None, :] * s_d
+        pair_mask = mask & (i < HALF)[None, :]
+        a = tl.load(ptr + offs, mask=pair_mask, other=0.0)
+        b = tl.load(ptr + offs + HALF * s_d, mask=pair_mask, other=0.0)
+    return a, b
 
 
 @triton.jit
 def _pairs(raw_a, raw_b, INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr):
     """Raw loads -> the channel pairs (a, b) as fp32 [R, BLOCK_HALF] tiles."""
     if INTERLEAVED:
-        return tl.split(tl.reshape(raw_a.to(tl.float32), [raw_a.shape[0], BLOCK_HALF, 2]))
-    return raw_a.to(tl.float32), raw_b.to(tl.float32)
+        a, b = tl.split(tl.reshape(raw_a.to(tl.float32), [raw_a.shape[0], BLOCK_HALF, 2]))
+    else:
+        a = raw_a.to(tl.float32)
+        b = raw_b.to(tl.float32)
+    return a, b
 
 
 @triton.jit
