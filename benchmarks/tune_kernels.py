@@ -80,14 +80,14 @@ def tune_qk(results, copy):
         w = torch.randn(d, device="cuda")
         freqs = rope_freqs_2d(N // 64, 64, d, device="cuda")
         qb = q.numel() * 2
-        warps = [dict(num_warps=n, programs_per_sm=p) for n, p in itertools.product((2, 4), (4, 16, 64, 100000))]
+        warps = [dict(num_warps=n, tokens=t) for n, t in itertools.product((2, 4), (1, 2))]
         sweep("rope_qk.fwd", (B, N, H, d), 4 * qb, warps,
               lambda **c: (lambda: qk_norm_rope_fwd(q, k, freqs=freqs, **c)), results, copy)
         sweep("qknorm_rope.fwd", (B, N, H, d), 4 * qb, warps,
               lambda **c: (lambda: qk_norm_rope_fwd(q, k, w, w, freqs, **c)), results, copy)
         _, _, qr, kr = qk_norm_rope_fwd(q, k, w, w, freqs)
         dq, dk = torch.randn_like(q), torch.randn_like(k)
-        bwd_cfgs = [dict(num_warps=n, programs_per_sm=p) for n, p in itertools.product((2, 4), (8, 16, 32))]
+        bwd_cfgs = [dict(num_warps=n, tokens=t) for n, t in itertools.product((2, 4), (1, 2, 4))]
         sweep("qknorm_rope.bwd", (B, N, H, d), 6 * qb, bwd_cfgs,
               lambda **c: (lambda: qk_norm_rope_bwd(dq, dk, q, k, w, w, freqs, qr, kr, **c)), results, copy)
 

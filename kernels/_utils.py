@@ -92,6 +92,16 @@ def sum_chunks(partials: torch.Tensor, outs) -> None:
         for out in outs:
             out.zero_()
         return
+    if B == 1 and C > 256:
+        # Few sums over many chunks (a weight gradient from one partial row per program): first reduce
+        # groups of 128 consecutive chunks side by side, then the groups. Still a fixed order.
+        groups = triton.cdiv(C, 128)
+        padded = torch.zeros((K, groups * 128, D), dtype=partials.dtype, device=partials.device)
+        padded[:, :C] = partials[:, 0]
+        stage = torch.empty((K, groups * D), dtype=torch.float32, device=partials.device)
+        sum_chunks(padded.view(K, groups, 128, D), list(stage.unbind(0)))
+        sum_chunks(stage.view(K, 1, groups, D), outs)
+        return
     block_c = min(32, next_pow2(C))
     block = max(32, min(1024, 4096 // block_c))
     _sum_chunks_kernel[(triton.cdiv(B * D, block), K)](

@@ -108,14 +108,14 @@ def _fwd_token(raw_a, raw_b, OUT, RSTD, out_offsets, rstd_offsets, s_od, HALF, m
 @triton.jit
 def _qk_norm_rope_fwd_kernel(
     Q, K, QO, KO, QW, KW, FREQS, QRSTD, KRSTD,
-    M, N, H, HALF, eps, tokens_per_program,
+    M, N, H, HALF, eps,
     s_qb, s_qn, s_qh, s_qd, s_kb, s_kn, s_kh, s_kd,
     s_ob, s_on, s_oh, s_od, s_pb, s_pn, s_ph, s_pd, s_fb, s_fn,
     HAS_K: tl.constexpr, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
-    INVERSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    INVERSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, TOKENS: tl.constexpr,
 ):
-    """Program p handles tokens [p * tokens_per_program, …), all heads of q (and k), loading each
-    token's rows (and table row) while the previous token is being computed and stored."""
+    """Program p handles TOKENS consecutive tokens (all heads of q and k). (One token per program measured
+    fastest on an H100; looping with prefetch lost to register pressure.)"""
     h = tl.arange(0, BLOCK_H)
     h_ok = h < H
     h = h.to(tl.int64)
@@ -127,44 +127,25 @@ def _qk_norm_rope_fwd_kernel(
         wqa, wqb = _weight_pairs(QW, HALF, INTERLEAVED, BLOCK_HALF)
         if HAS_K:
             wka, wkb = _weight_pairs(KW, HALF, INTERLEAVED, BLOCK_HALF)
-    # the token index is a 1-element vector rather than a scalar: Triton's CPU interpreter mis-types
-    # `tile & scalar_mask`, and a [1] vector broadcasts the same way in compiled code
-    row = tl.program_id(0).to(tl.int64) * tokens_per_program + tl.zeros([1], dtype=tl.int64)
-    row_end = tl.minimum(row + tokens_per_program, M)
-    ok = row < row_end
-    b = row // N
-    n = row - b * N
-    m = h_ok[:, None] & ok[None, :]
-    nq = _load_raw(Q, b * s_qb + n * s_qn + h * s_qh, s_qd, HALF, m, INTERLEAVED, BLOCK_HALF)
-    nk = nq
-    if HAS_K:
-        nk = _load_raw(K, b * s_kb + n * s_kn + h * s_kh, s_kd, HALF, m, INTERLEAVED, BLOCK_HALF)
-    nt = tl.zeros([2 * BLOCK_HALF], dtype=tl.float32)
-    if HAS_ROPE:
-        nt = _load_table(FREQS, b, n, s_fb, s_fn, HALF, ok, BLOCK_HALF)
-    for _ in range(0, tokens_per_program):
-        (qa, qb), (ka, kb), table_row = nq, nk, nt
-        cur_row, cur_ok, cb, cn = row, ok, b, n
-        row += 1
-        ok = row < row_end
+    for t in tl.static_range(TOKENS):
+        # the token index is a 1-element vector rather than a scalar: Triton's CPU interpreter mis-types
+        # `tile & scalar_mask`, and a [1] vector broadcasts the same way in compiled code
+        row = tl.program_id(0).to(tl.int64) * TOKENS + t + tl.zeros([1], dtype=tl.int64)
+        ok = row < M
         b = row // N
         n = row - b * N
-        m = h_ok[:, None] & ok[None, :]
-        nq = _load_raw(Q, b * s_qb + n * s_qn + h * s_qh, s_qd, HALF, m, INTERLEAVED, BLOCK_HALF)
-        if HAS_K:
-            nk = _load_raw(K, b * s_kb + n * s_kn + h * s_kh, s_kd, HALF, m, INTERLEAVED, BLOCK_HALF)
+        mask = h_ok[:, None] & ok[None, :]
+        cos = None
+        sin = None
         if HAS_ROPE:
-            nt = _load_table(FREQS, b, n, s_fb, s_fn, HALF, ok, BLOCK_HALF)
-        cos = table_row
-        sin = table_row
-        if HAS_ROPE:
-            cos, sin = _cos_sin(table_row, INVERSE, BLOCK_HALF)
-        mask = h_ok[:, None] & cur_ok[None, :]
-        _fwd_token(qa, qb, QO, QRSTD, cb * s_ob + cn * s_on + h * s_oh, cur_row * H + h, s_od, HALF, mask,
-                   h_ok & cur_ok, eps, wqa, wqb, cos, sin, HAS_NORM, HAS_ROPE, INTERLEAVED, BLOCK_HALF)
+            cos, sin = _cos_sin(_load_table(FREQS, b, n, s_fb, s_fn, HALF, ok, BLOCK_HALF), INVERSE, BLOCK_HALF)
+        qa, qb = _load_raw(Q, b * s_qb + n * s_qn + h * s_qh, s_qd, HALF, mask, INTERLEAVED, BLOCK_HALF)
+        _fwd_token(qa, qb, QO, QRSTD, b * s_ob + n * s_on + h * s_oh, row * H + h, s_od, HALF, mask, h_ok & ok,
+                   eps, wqa, wqb, cos, sin, HAS_NORM, HAS_ROPE, INTERLEAVED, BLOCK_HALF)
         if HAS_K:
-            _fwd_token(ka, kb, KO, KRSTD, cb * s_pb + cn * s_pn + h * s_ph, cur_row * H + h, s_pd, HALF, mask,
-                       h_ok & cur_ok, eps, wka, wkb, cos, sin, HAS_NORM, HAS_ROPE, INTERLEAVED, BLOCK_HALF)
+            ka, kb = _load_raw(K, b * s_kb + n * s_kn + h * s_kh, s_kd, HALF, mask, INTERLEAVED, BLOCK_HALF)
+            _fwd_token(ka, kb, KO, KRSTD, b * s_pb + n * s_pn + h * s_ph, row * H + h, s_pd, HALF, mask,
+                       h_ok & ok, eps, wka, wkb, cos, sin, HAS_NORM, HAS_ROPE, INTERLEAVED, BLOCK_HALF)
 
 
 @triton.jit
@@ -191,20 +172,22 @@ def _bwd_token(raw_ga, raw_gb, raw_xa, raw_xb, rstd, DX, dx_offsets, HALF, mask,
 @triton.jit
 def _qk_norm_rope_bwd_kernel(
     DQO, DKO, Q, K, DQ, DK, QW, KW, FREQS, QRSTD, KRSTD, DW,
-    M, N, H, HALF, tokens_per_program,
+    M, N, H, HALF,
     s_ob, s_on, s_oh, s_od, s_pb, s_pn, s_ph, s_pd,
     s_qb, s_qn, s_qh, s_qd, s_kb, s_kn, s_kh, s_kd, s_fb, s_fn,
     HAS_K: tl.constexpr, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
-    INVERSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    INVERSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, TOKENS: tl.constexpr,
 ):
-    """Program p handles tokens [p * tokens_per_program, …), loading one token ahead; weight-gradient
-    partials go to DW[t, 0, p, :] (t = 0 for q, 1 for k), an fp32 (2, 1, P, d) buffer."""
+    """Program p handles TOKENS consecutive tokens; its weight-gradient partials go to DW[t, 0, p, :]
+    (t = 0 for q, 1 for k), an fp32 (2, 1, P, d) buffer summed afterwards in a fixed order."""
     pid = tl.program_id(0)
     h = tl.arange(0, BLOCK_H)
     h_ok = h < H
     h = h.to(tl.int64)
-    zero = tl.zeros([BLOCK_HALF], dtype=tl.float32)
-    qa_acc, qb_acc, ka_acc, kb_acc = zero, zero, zero, zero
+    qa_acc = tl.zeros([BLOCK_HALF], dtype=tl.float32)
+    qb_acc = tl.zeros([BLOCK_HALF], dtype=tl.float32)
+    ka_acc = tl.zeros([BLOCK_HALF], dtype=tl.float32)
+    kb_acc = tl.zeros([BLOCK_HALF], dtype=tl.float32)
     wqa = None
     wqb = None
     wka = None
@@ -213,57 +196,34 @@ def _qk_norm_rope_bwd_kernel(
         wqa, wqb = _weight_pairs(QW, HALF, INTERLEAVED, BLOCK_HALF)
         if HAS_K:
             wka, wkb = _weight_pairs(KW, HALF, INTERLEAVED, BLOCK_HALF)
-    row = pid.to(tl.int64) * tokens_per_program + tl.zeros([1], dtype=tl.int64)  # [1]: see the forward kernel
-    row_end = tl.minimum(row + tokens_per_program, M)
-    ok = row < row_end
-    b = row // N
-    n = row - b * N
-    m = h_ok[:, None] & ok[None, :]
-    ng = _load_raw(DQO, b * s_ob + n * s_on + h * s_oh, s_od, HALF, m, INTERLEAVED, BLOCK_HALF)
-    nx = ng
-    nr = tl.zeros([BLOCK_H], dtype=tl.float32)
-    if HAS_NORM:
-        nx = _load_raw(Q, b * s_qb + n * s_qn + h * s_qh, s_qd, HALF, m, INTERLEAVED, BLOCK_HALF)
-        nr = tl.load(QRSTD + row * H + h, mask=h_ok & ok, other=0.0)
-    nkg, nkx, nkr = ng, nx, nr
-    if HAS_K:
-        nkg = _load_raw(DKO, b * s_pb + n * s_pn + h * s_ph, s_pd, HALF, m, INTERLEAVED, BLOCK_HALF)
-        if HAS_NORM:
-            nkx = _load_raw(K, b * s_kb + n * s_kn + h * s_kh, s_kd, HALF, m, INTERLEAVED, BLOCK_HALF)
-            nkr = tl.load(KRSTD + row * H + h, mask=h_ok & ok, other=0.0)
-    nt = tl.zeros([2 * BLOCK_HALF], dtype=tl.float32)
-    if HAS_ROPE:
-        nt = _load_table(FREQS, b, n, s_fb, s_fn, HALF, ok, BLOCK_HALF)
-    for _ in range(0, tokens_per_program):
-        (ga, gb), (xa, xb), q_rstd = ng, nx, nr
-        (kga, kgb), (kxa, kxb), k_rstd, table_row = nkg, nkx, nkr, nt
-        cur_row, cur_ok = row, ok
-        row += 1
-        ok = row < row_end
+    for t in tl.static_range(TOKENS):
+        row = pid.to(tl.int64) * TOKENS + t + tl.zeros([1], dtype=tl.int64)  # [1]: see the forward kernel
+        ok = row < M
         b = row // N
         n = row - b * N
-        m = h_ok[:, None] & ok[None, :]
-        ng = _load_raw(DQO, b * s_ob + n * s_on + h * s_oh, s_od, HALF, m, INTERLEAVED, BLOCK_HALF)
+        mask = h_ok[:, None] & ok[None, :]
+        cos = None
+        sin = None
+        if HAS_ROPE:
+            cos, sin = _cos_sin(_load_table(FREQS, b, n, s_fb, s_fn, HALF, ok, BLOCK_HALF), INVERSE, BLOCK_HALF)
+        dx_offsets = row * H * 2 * HALF + h * 2 * HALF  # dq, dk are contiguous (B, N, H, d)
+        ga, gb = _load_raw(DQO, b * s_ob + n * s_on + h * s_oh, s_od, HALF, mask, INTERLEAVED, BLOCK_HALF)
+        xa = ga
+        xb = gb
+        rstd = tl.zeros([BLOCK_H], dtype=tl.float32)
         if HAS_NORM:
-            nx = _load_raw(Q, b * s_qb + n * s_qn + h * s_qh, s_qd, HALF, m, INTERLEAVED, BLOCK_HALF)
-            nr = tl.load(QRSTD + row * H + h, mask=h_ok & ok, other=0.0)
-        if HAS_K:
-            nkg = _load_raw(DKO, b * s_pb + n * s_pn + h * s_ph, s_pd, HALF, m, INTERLEAVED, BLOCK_HALF)
-            if HAS_NORM:
-                nkx = _load_raw(K, b * s_kb + n * s_kn + h * s_kh, s_kd, HALF, m, INTERLEAVED, BLOCK_HALF)
-                nkr = tl.load(KRSTD + row * H + h, mask=h_ok & ok, other=0.0)
-        if HAS_ROPE:
-            nt = _load_table(FREQS, b, n, s_fb, s_fn, HALF, ok, BLOCK_HALF)
-        cos = table_row
-        sin = table_row
-        if HAS_ROPE:
-            cos, sin = _cos_sin(table_row, INVERSE, BLOCK_HALF)
-        mask = h_ok[:, None] & cur_ok[None, :]
-        dx_offsets = cur_row * H * 2 * HALF + h * 2 * HALF  # dq, dk are contiguous (B, N, H, d)
-        qa_acc, qb_acc = _bwd_token(ga, gb, xa, xb, q_rstd, DQ, dx_offsets, HALF, mask, wqa, wqb, cos, sin,
+            xa, xb = _load_raw(Q, b * s_qb + n * s_qn + h * s_qh, s_qd, HALF, mask, INTERLEAVED, BLOCK_HALF)
+            rstd = tl.load(QRSTD + row * H + h, mask=h_ok & ok, other=0.0)
+        qa_acc, qb_acc = _bwd_token(ga, gb, xa, xb, rstd, DQ, dx_offsets, HALF, mask, wqa, wqb, cos, sin,
                                     qa_acc, qb_acc, HAS_NORM, HAS_ROPE, INTERLEAVED, BLOCK_HALF)
         if HAS_K:
-            ka_acc, kb_acc = _bwd_token(kga, kgb, kxa, kxb, k_rstd, DK, dx_offsets, HALF, mask, wka, wkb, cos, sin,
+            ga, gb = _load_raw(DKO, b * s_pb + n * s_pn + h * s_ph, s_pd, HALF, mask, INTERLEAVED, BLOCK_HALF)
+            xa = ga
+            xb = gb
+            if HAS_NORM:
+                xa, xb = _load_raw(K, b * s_kb + n * s_kn + h * s_kh, s_kd, HALF, mask, INTERLEAVED, BLOCK_HALF)
+                rstd = tl.load(KRSTD + row * H + h, mask=h_ok & ok, other=0.0)
+            ka_acc, kb_acc = _bwd_token(ga, gb, xa, xb, rstd, DK, dx_offsets, HALF, mask, wka, wkb, cos, sin,
                                         ka_acc, kb_acc, HAS_NORM, HAS_ROPE, INTERLEAVED, BLOCK_HALF)
     if HAS_NORM:
         base = tl.zeros([1], dtype=tl.int64) + pid.to(tl.int64) * 2 * HALF
@@ -289,18 +249,10 @@ def _config(H: int, d: int, num_warps: Optional[int] = None):
     return block_h, block_half, num_warps or _utils.warps_for(2 * block_h * block_half, lo=1, hi=8)
 
 
-def _programs(M: int, device: torch.device, programs_per_sm: int):
-    """(programs, tokens_per_program) covering M tokens with about ``programs_per_sm`` per processor."""
-    if M == 0:
-        return 0, 1
-    per_program = triton.cdiv(M, max(1, min(M, programs_per_sm * _utils.processor_count(device))))
-    return triton.cdiv(M, per_program), per_program
-
-
 def qk_norm_rope_fwd(q: torch.Tensor, k: Optional[torch.Tensor] = None, q_weight: Optional[torch.Tensor] = None,
                      k_weight: Optional[torch.Tensor] = None, freqs: Optional[torch.Tensor] = None,
                      eps: float = 1e-6, interleaved: bool = True, inverse: bool = False, inplace: bool = False,
-                     num_warps: Optional[int] = None, programs_per_sm: int = 8):
+                     num_warps: Optional[int] = None, tokens: int = 1):
     """Returns (q_out, k_out, q_rstd, k_rstd): k_out is None without k; the rstd are fp32 (B, N, H)
     (None without the norm). With ``inplace=True`` the outputs are q and k themselves."""
     B, N, H, d = q.shape
@@ -313,34 +265,34 @@ def qk_norm_rope_fwd(q: torch.Tensor, k: Optional[torch.Tensor] = None, q_weight
     k_rstd = _utils.new_empty((B, N, H), torch.float32, q.device) if has_norm and k is not None else None
     block_h, block_half, warps = _config(H, d, num_warps)
     kk, ko = (k, k_out) if k is not None else (q, q_out)
-    programs, per_program = _programs(B * N, q.device, programs_per_sm)
+    programs = triton.cdiv(B * N, tokens)
     if programs > 0 and H > 0:
         _qk_norm_rope_fwd_kernel[(programs,)](
             q, kk, q_out, ko, q_weight if has_norm else q, k_weight if (has_norm and k is not None) else q,
             freqs if freqs is not None else q, q_rstd if has_norm else q, k_rstd if k_rstd is not None else q,
-            B * N, N, H, d // 2, eps, per_program, *q.stride(), *kk.stride(), *q_out.stride(), *ko.stride(),
+            B * N, N, H, d // 2, eps, *q.stride(), *kk.stride(), *q_out.stride(), *ko.stride(),
             *_table_strides(freqs),
             HAS_K=k is not None, HAS_NORM=has_norm, HAS_ROPE=freqs is not None, INTERLEAVED=interleaved,
-            INVERSE=inverse, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=warps)
+            INVERSE=inverse, BLOCK_H=block_h, BLOCK_HALF=block_half, TOKENS=tokens, num_warps=warps)
     return q_out, k_out, q_rstd, k_rstd
 
 
 def qk_norm_rope_bwd(dq_out: torch.Tensor, dk_out: Optional[torch.Tensor], q: torch.Tensor,
                      k: Optional[torch.Tensor], q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor],
                      freqs: Optional[torch.Tensor], q_rstd: Optional[torch.Tensor], k_rstd: Optional[torch.Tensor],
-                     interleaved: bool = True, inverse: bool = False, programs_per_sm: int = 8,
-                     num_warps: Optional[int] = None):
+                     interleaved: bool = True, inverse: bool = False, num_warps: Optional[int] = None,
+                     tokens: int = 2):
     """Returns (dq, dk, dq_weight, dk_weight); entries are None where the input was absent."""
     B, N, H, d = q.shape
     has_norm, has_k = q_weight is not None, k is not None
     if not has_norm:  # no reduction: the backward of a rotation is a rotation (one program per token)
         dq, dk, _, _ = qk_norm_rope_fwd(dq_out, dk_out, freqs=freqs, interleaved=interleaved, inverse=not inverse,
-                                        num_warps=num_warps, programs_per_sm=programs_per_sm)
+                                        num_warps=num_warps)
         return dq, dk, None, None
     if freqs is not None:
         freqs = freqs if freqs.stride(-1) == 1 and freqs.stride(-2) == 2 else freqs.contiguous()
     M = B * N
-    programs, rows_per_program = _programs(M, q.device, programs_per_sm)
+    programs = triton.cdiv(M, tokens)
     dq = _utils.new_empty((B, N, H, d), q.dtype, q.device)
     dk = _utils.new_empty((B, N, H, d), k.dtype, k.device) if has_k else None
     partials = _utils.new_empty((2 if has_k else 1, 1, programs, d), torch.float32, q.device)
@@ -350,9 +302,10 @@ def qk_norm_rope_bwd(dq_out: torch.Tensor, dk_out: Optional[torch.Tensor], q: to
         _qk_norm_rope_bwd_kernel[(programs,)](
             dq_out, dko, q, kk, dq, dkk, q_weight, k_weight if has_k else q_weight,
             freqs if freqs is not None else q, q_rstd, k_rstd if has_k else q_rstd, partials,
-            M, N, H, d // 2, rows_per_program, *dq_out.stride(), *dko.stride(), *q.stride(), *kk.stride(),
+            M, N, H, d // 2, *dq_out.stride(), *dko.stride(), *q.stride(), *kk.stride(),
             *_table_strides(freqs), HAS_K=has_k, HAS_NORM=True, HAS_ROPE=freqs is not None,
-            INTERLEAVED=interleaved, INVERSE=inverse, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=warps)
+            INTERLEAVED=interleaved, INVERSE=inverse, BLOCK_H=block_h, BLOCK_HALF=block_half, TOKENS=tokens,
+            num_warps=warps)
     dweights = [_utils.new_empty((d,), q_weight.dtype, q.device)]
     if has_k:
         dweights.append(_utils.new_empty((d,), k_weight.dtype, q.device))

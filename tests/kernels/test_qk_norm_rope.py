@@ -158,18 +158,18 @@ def test_bad_inputs(device):
 
 
 def test_every_launch_configuration_computes_the_same(device):
-    """Tokens per program (with prefetch) and warps: any configuration gives the same result."""
+    """Tokens per program and warps: any configuration gives the same result."""
     q, k = (t.detach() for t in _qkv(2, 13, 3, 72, torch.bfloat16, device))
     w1, w2 = (torch.randn(72, device=device) for _ in range(2))
     freqs = _table("2d", 2, 13, 72, device)
-    want = qk_norm_rope_fwd(q, k, w1, w2, freqs, programs_per_sm=1000)  # one token per program
+    want = qk_norm_rope_fwd(q, k, w1, w2, freqs, tokens=1)
     dq, dk = torch.randn_like(q), torch.randn_like(k)
-    want_bwd = qk_norm_rope_bwd(dq, dk, q, k, w1, w2, freqs, want[2], want[3], programs_per_sm=1000)
-    for pps, warps in ((1, 1), (2, 4), (3, 2)):
-        got = qk_norm_rope_fwd(q, k, w1, w2, freqs, programs_per_sm=pps, num_warps=warps)
+    want_bwd = qk_norm_rope_bwd(dq, dk, q, k, w1, w2, freqs, want[2], want[3], tokens=1)
+    for tokens, warps in ((1, 1), (2, 4), (3, 2), (8, 4)):
+        got = qk_norm_rope_fwd(q, k, w1, w2, freqs, tokens=tokens, num_warps=warps)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
-        got = qk_norm_rope_bwd(dq, dk, q, k, w1, w2, freqs, want[2], want[3], programs_per_sm=pps, num_warps=warps)
+        got = qk_norm_rope_bwd(dq, dk, q, k, w1, w2, freqs, want[2], want[3], tokens=tokens, num_warps=warps)
         for a, b in zip(got, want_bwd):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 

@@ -33,3 +33,11 @@ def test_sum_chunks_is_a_fixed_order_sum(device):
     _utils.sum_chunks(partials, outs)
     for k, out in enumerate(outs):
         torch.testing.assert_close(out.float(), partials[k].sum(1).to(out.dtype).float())
+
+
+def test_sum_chunks_two_stage_path_for_many_chunks(device):
+    partials = torch.randn(2, 1, 1000, 40, device=device)
+    outs = [torch.empty(40, device=device) for _ in range(2)]
+    _utils.sum_chunks(partials, outs)
+    for k, out in enumerate(outs):
+        torch.testing.assert_close(out, partials[k, 0].double().sum(0).float(), rtol=1e-5, atol=1e-4)
