@@ -48,6 +48,21 @@ def pytest_sessionfinish(session, exitstatus):
         print("\n" + _RECORDER.markdown())
 
 
+@pytest.fixture
+def randn():
+    """``randn(*shape, dtype=..., requires_grad=False)`` on the GPU from a private, seeded generator: random
+    data for benchmarks never touches the default generator (which a refused graph capture can leave
+    unusable)."""
+    generator = torch.Generator(device="cuda")
+    generator.manual_seed(0)
+
+    def make(*shape, dtype=torch.bfloat16, requires_grad=False):
+        t = torch.randn(*shape, device="cuda", dtype=dtype, generator=generator)
+        return t.requires_grad_(requires_grad)
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def ceilings():
     if not _RECORDER.ceilings:
@@ -67,8 +82,11 @@ def gpu_bench(benchmark, ceilings):
             bytes: Optional[float] = None, flops: Optional[float] = None, graph: bool = True, **extra) -> Result:
         fn = build()
         ms, p20, p80 = time_cuda(fn)
+        ms_graph, graph_error = time_cuda_graph(build) if graph else (None, None)
+        if graph_error:
+            extra["graph_error"] = graph_error
         result = Result(group=group, impl=impl, shape=shape, ms=ms, ms_p20=p20, ms_p80=p80, bytes=bytes,
-                        flops=flops, extra=extra, ms_graph=time_cuda_graph(build) if graph else None)
+                        flops=flops, extra=extra, ms_graph=ms_graph)
         if bytes is not None:
             result.GBps = bytes / ms / 1e6
             result.fraction_of_ceiling = result.GBps / ceilings["copy_GBps"]

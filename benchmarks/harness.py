@@ -14,7 +14,7 @@ import platform
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -44,14 +44,14 @@ def time_cuda(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 1
     return float(median), float(p20), float(p80)
 
 
-def time_cuda_graph(build: Callable[[], Callable[[], object]], calls: int = 20, replays: int = 15
-                    ) -> Optional[float]:
+def time_cuda_graph(build: Callable[[], Callable[[], object]], calls: int = 10, replays: int = 10
+                    ) -> Tuple[Optional[float], Optional[str]]:
     """Median ms of one call replayed from a CUDA graph: the GPU time alone, without the host's launch
     and dispatch overhead, with L2 flushed before every call (as do_bench does).
 
     ``build()`` returns the callable; it runs on the capture stream (a backward must run on the stream
     its forward ran on). Each replay runs [flush, fn] × ``calls``; a second graph of flushes alone is
-    subtracted. None when ``fn`` cannot be captured (a host sync, say)."""
+    subtracted. Returns (ms, None), or (None, the reason) when ``fn`` cannot be captured."""
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -71,9 +71,9 @@ def time_cuda_graph(build: Callable[[], Callable[[], object]], calls: int = 20, 
                             fn()
                 graphs.append(graph)
         torch.cuda.synchronize()
-    except Exception:  # capture refused: report no figure rather than a wrong one
+    except Exception as err:  # capture refused: report no figure (and why) rather than a wrong one
         torch.cuda.synchronize()
-        return None
+        return None, f"{type(err).__name__}: {str(err)[:300]}"
     medians = []
     for graph in graphs:
         graph.replay()  # warm
@@ -86,7 +86,7 @@ def time_cuda_graph(build: Callable[[], Callable[[], object]], calls: int = 20, 
             end.synchronize()
             times.append(start.elapsed_time(end))
         medians.append(sorted(times)[len(times) // 2])
-    return max(medians[0] - medians[1], 0.0) / calls
+    return max(medians[0] - medians[1], 0.0) / calls, None
 
 
 def environment() -> Dict[str, object]:

@@ -53,9 +53,9 @@ IMPLS = {  # name -> {"plain": fn, "gated": fn}; every peer is measured in the s
 }
 
 
-def _inputs(form, B, N, D):
+def _inputs(randn, form, B, N, D):
     def t(*shape):
-        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        return randn(*shape, requires_grad=True)
     if form == "plain":
         return [t(B, N, D), t(B, D), t(B, D)]
     return [t(B, N, D), t(B, N, D), t(B, D), t(B, D), t(B, D)]
@@ -65,9 +65,9 @@ def _inputs(form, B, N, D):
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("direction", ["fwd", "bwd", "fwd+bwd"])
 @pytest.mark.parametrize("form", ["plain", "gated"])
-def test_adaln(gpu_bench, form, direction, impl, B, N, D):
+def test_adaln(gpu_bench, randn, form, direction, impl, B, N, D):
     fn = IMPLS[impl][form]
-    inputs = _inputs(form, B, N, D)
+    inputs = _inputs(randn, form, B, N, D)
     x_bytes = inputs[0].numel() * inputs[0].element_size()
     kwargs = dict(group=f"{'adaln' if form == 'plain' else 'gated_adaln'}.{direction}", impl=impl,
                   shape=f"{B}x{N}x{D}", bytes=PASSES[form][direction] * x_bytes)
@@ -97,6 +97,8 @@ def _grad(outs, inputs, retain_graph=False):
     cot = []
     for o in outs:
         if (o.shape, o.dtype) not in _COTANGENTS:  # made in the warm-up, never inside a timed call
-            _COTANGENTS[(o.shape, o.dtype)] = torch.randn_like(o)
+            generator = torch.Generator(device=o.device)
+            generator.manual_seed(1)
+            _COTANGENTS[(o.shape, o.dtype)] = torch.randn(o.shape, dtype=o.dtype, device=o.device, generator=generator)
         cot.append(_COTANGENTS[(o.shape, o.dtype)])
     return torch.autograd.grad(outs, inputs, cot, retain_graph=retain_graph)

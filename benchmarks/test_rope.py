@@ -67,12 +67,12 @@ IMPLS = {
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("direction", ["fwd", "bwd", "fwd+bwd"])
 @pytest.mark.parametrize("form", list(PASSES))
-def test_rope(gpu_bench, form, direction, impl, B, H, N, d):
+def test_rope(gpu_bench, randn, form, direction, impl, B, H, N, d):
     fn = IMPLS[impl][form]
-    qkv = torch.randn(B, N, 3, H, d, device="cuda", dtype=torch.bfloat16)
+    qkv = randn(B, N, 3, H, d)
     q, k = (t.requires_grad_() for t in qkv.unbind(2)[:2])
     freqs = rope_freqs_2d(N // 64 if N % 64 == 0 else N, 64 if N % 64 == 0 else 1, d, device="cuda")
-    weights = [torch.randn(d, device="cuda", requires_grad=True) for _ in range(2)]
+    weights = [randn(d, dtype=torch.float32, requires_grad=True) for _ in range(2)]
     inputs = {"rope_q": [q], "rope_qk": [q, k], "qknorm_rope": [q, k] + weights}[form]
     q_bytes = q.numel() * q.element_size()
     kwargs = dict(group=f"{form}.{direction}", impl=impl, shape=f"{B}x{H}x{N}x{d}",
@@ -103,6 +103,8 @@ def _grad(outs, inputs, retain_graph=False):
     cot = []
     for o in outs:
         if (o.shape, o.dtype) not in _COTANGENTS:  # made in the warm-up, never inside a timed call
-            _COTANGENTS[(o.shape, o.dtype)] = torch.randn_like(o)
+            generator = torch.Generator(device=o.device)
+            generator.manual_seed(1)
+            _COTANGENTS[(o.shape, o.dtype)] = torch.randn(o.shape, dtype=o.dtype, device=o.device, generator=generator)
         cot.append(_COTANGENTS[(o.shape, o.dtype)])
     return torch.autograd.grad(outs, inputs, cot, retain_graph=retain_graph)
