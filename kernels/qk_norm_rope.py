@@ -244,9 +244,13 @@ def _table_strides(freqs: Optional[torch.Tensor]):
     return (freqs.stride(0) if freqs.shape[0] > 1 else 0), freqs.stride(1)
 
 
-def _config(H: int, d: int, num_warps: Optional[int] = None):
+def _config(H: int, d: int, num_warps: Optional[int] = None, backward: bool = False):
+    """Defaults from benchmarks/tune_kernels.py on an H100 (2026-11-22): 2 warps for a DiT-XL token
+    (16 heads × 72) and for every backward, 4 for a Flux/SD3 token (24 heads × 128) forward."""
     block_h, block_half = _utils.next_pow2(H), _utils.next_pow2(d // 2)
-    return block_h, block_half, num_warps or _utils.warps_for(2 * block_h * block_half, lo=1, hi=8)
+    if num_warps is None:
+        num_warps = 2 if (backward or block_h * block_half < 2048) else 4
+    return block_h, block_half, num_warps
 
 
 def qk_norm_rope_fwd(q: torch.Tensor, k: Optional[torch.Tensor] = None, q_weight: Optional[torch.Tensor] = None,
@@ -281,7 +285,7 @@ def qk_norm_rope_bwd(dq_out: torch.Tensor, dk_out: Optional[torch.Tensor], q: to
                      k: Optional[torch.Tensor], q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor],
                      freqs: Optional[torch.Tensor], q_rstd: Optional[torch.Tensor], k_rstd: Optional[torch.Tensor],
                      interleaved: bool = True, inverse: bool = False, num_warps: Optional[int] = None,
-                     tokens: int = 2):
+                     tokens: int = 1):
     """Returns (dq, dk, dq_weight, dk_weight); entries are None where the input was absent."""
     B, N, H, d = q.shape
     has_norm, has_k = q_weight is not None, k is not None
@@ -296,7 +300,7 @@ def qk_norm_rope_bwd(dq_out: torch.Tensor, dk_out: Optional[torch.Tensor], q: to
     dq = _utils.new_empty((B, N, H, d), q.dtype, q.device)
     dk = _utils.new_empty((B, N, H, d), k.dtype, k.device) if has_k else None
     partials = _utils.new_empty((2 if has_k else 1, 1, programs, d), torch.float32, q.device)
-    block_h, block_half, warps = _config(H, d, num_warps)
+    block_h, block_half, warps = _config(H, d, num_warps, backward=True)
     kk, dko, dkk = (k, dk_out, dk) if has_k else (q, dq_out, dq)
     if programs > 0 and H > 0:
         _qk_norm_rope_bwd_kernel[(programs,)](
