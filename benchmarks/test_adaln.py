@@ -95,10 +95,13 @@ def _grad(outs, inputs, retain_graph=False):
     """Gradients of ``outs`` with fixed random cotangents (made once per output shape, not per call)."""
     outs = (outs,) if isinstance(outs, torch.Tensor) else outs
     cot = []
-    for o in outs:
-        if (o.shape, o.dtype) not in _COTANGENTS:  # made in the warm-up, never inside a timed call
+    for index, o in enumerate(outs):
+        # one tensor per output (two outputs sharing one would let a kernel read it from cache the second
+        # time); made in the warm-up, never inside a timed call
+        key = (index, o.shape, o.dtype)
+        if key not in _COTANGENTS:
             generator = torch.Generator(device=o.device)
-            generator.manual_seed(1)
-            _COTANGENTS[(o.shape, o.dtype)] = torch.randn(o.shape, dtype=o.dtype, device=o.device, generator=generator)
-        cot.append(_COTANGENTS[(o.shape, o.dtype)])
+            generator.manual_seed(1 + index)
+            _COTANGENTS[key] = torch.randn(o.shape, dtype=o.dtype, device=o.device, generator=generator)
+        cot.append(_COTANGENTS[key])
     return torch.autograd.grad(outs, inputs, cot, retain_graph=retain_graph)

@@ -27,7 +27,7 @@ def _device(name: str) -> torch.device:
 
 def op_paths(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Which implementation each op takes under the current default backend, for typical inputs."""
-    from fastdit.ops import adaln, attention, gated_adaln, rmsnorm, rotary
+    from fastdit.ops import adaln, attention, gated_adaln, qk_norm_rotary, rmsnorm, rotary
     from fastdit.ops._common import use_triton
 
     B, N, D, H, d = 2, 16, 128, 2, 64
@@ -41,6 +41,7 @@ def op_paths(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
         "gated_residual_adaln": (gated_adaln, lambda: gated_adaln.triton_unsupported_reason(x, x, m, m, m)),
         "rms_norm": (rmsnorm, lambda: rmsnorm.triton_unsupported_reason(q, w)),
         "rope": (rotary, lambda: rotary.triton_unsupported_reason(q, freqs)),
+        "qk_norm_rope": (qk_norm_rotary, lambda: qk_norm_rotary.triton_unsupported_reason(q, q, w, w, freqs)),
         "joint_attention": (attention, lambda: attention.triton_unsupported_reason(q)),
     }
     paths = {}

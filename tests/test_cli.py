@@ -17,7 +17,7 @@ def test_info_reports_versions_and_op_paths(capsys):
     assert info["default_backend"] == "auto"
     assert info["op_paths (bf16 inputs)"]["adaln_modulate"] == "reference"  # CPU: no kernel under auto
     assert set(info["op_paths (bf16 inputs)"]) == {"adaln_modulate", "gated_residual_adaln", "rms_norm",
-                                                   "rope", "joint_attention"}
+                                                   "rope", "qk_norm_rope", "joint_attention"}
 
 
 @pytest.mark.parametrize("argv,message", [

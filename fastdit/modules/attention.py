@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from fastdit.modules.norms import RMSNorm
 from fastdit.ops.attention import joint_attention
-from fastdit.ops.qk_norm_rope import qk_norm_rope
+from fastdit.ops.qk_norm_rotary import qk_norm_rope
 
 
 class JointAttention(nn.Module):

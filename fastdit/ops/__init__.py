@@ -8,7 +8,7 @@ from fastdit.ops.adaln import adaln_modulate, adaln_modulate_backward_ref, adaln
 from fastdit.ops.attention import joint_attention, joint_attention_ref, joint_attention_sdpa
 from fastdit.ops.gated_adaln import (gated_residual_adaln, gated_residual_adaln_backward_ref,
                                      gated_residual_adaln_ref)
-from fastdit.ops.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
+from fastdit.ops.qk_norm_rotary import qk_norm_rope, qk_norm_rope_ref
 from fastdit.ops.rmsnorm import rms_norm, rms_norm_backward_ref, rms_norm_ref
 from fastdit.ops.rotary import rope, rope_, rope_freqs, rope_freqs_1d, rope_freqs_2d, rope_ref
 

@@ -156,7 +156,7 @@ def stock():
                            randomize_=randomize_)
 
 
-FAST_PATH_OPS = ("adaln", "gated_adaln", "qk_norm_rope", "rmsnorm", "rotary")
+FAST_PATH_OPS = ("adaln", "gated_adaln", "qk_norm_rotary", "rmsnorm", "rotary")
 
 
 @pytest.fixture

@@ -115,7 +115,7 @@ def test_joint_block_matches_a_stock_mmdit_block(backend, dtype, N_img, N_txt, s
 # fastdit.ops module -> what a JointDiTBlock forward+backward runs of it on the fast path
 FAST_PATH = {"adaln": {("adaln", "forward"), ("adaln", "backward")},
              "gated_adaln": {("gated_adaln", "forward"), ("gated_adaln", "backward")},
-             "qk_norm_rope": {("qk_norm_rope", "forward"), ("qk_norm_rope", "backward")}}
+             "qk_norm_rotary": {("qk_norm_rotary", "forward"), ("qk_norm_rotary", "backward")}}
 ATTENTION_OPS = {"fastdit.joint_attention", "fastdit.joint_attention_backward"}  # library op, no kernel yet
 
 
