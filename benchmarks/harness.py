@@ -89,6 +89,43 @@ def time_cuda_graph(build: Callable[[], Callable[[], object]], calls: int = 10, 
     return max(medians[0] - medians[1], 0.0) / calls, None
 
 
+_COTANGENTS: Dict[tuple, torch.Tensor] = {}
+
+
+def grad_with_fixed_cotangents(outs, inputs, retain_graph: bool = False):
+    """Gradients of ``outs`` w.r.t. ``inputs`` with fixed random cotangents: one tensor per output (two
+    outputs sharing one would let a kernel read it from cache the second time), made on first use
+    (in the warm-up), never inside a timed call."""
+    outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
+    cotangents = []
+    for index, out in enumerate(outs):
+        key = (index, tuple(out.shape), out.dtype, out.device)
+        if key not in _COTANGENTS:
+            generator = torch.Generator(device=out.device)
+            generator.manual_seed(1 + index)
+            _COTANGENTS[key] = torch.randn(out.shape, dtype=out.dtype, device=out.device, generator=generator)
+        cotangents.append(_COTANGENTS[key])
+    return torch.autograd.grad(outs, inputs, cotangents, retain_graph=retain_graph)
+
+
+def direction_builder(direction: str, forward: Callable, inputs, extra_args=()) -> Callable[[], Callable[[], object]]:
+    """``build`` for the ``gpu_bench`` fixture: ``"fwd"`` (under no_grad), ``"fwd+bwd"``, or ``"bwd"`` alone
+    (the forward runs once, inside ``build``, on the stream that will replay the backward)."""
+    def build():
+        if direction == "fwd":
+            def run():
+                with torch.no_grad():
+                    return forward(*inputs, *extra_args)
+            return run
+        if direction == "fwd+bwd":
+            return lambda: grad_with_fixed_cotangents(forward(*inputs, *extra_args), inputs)
+        if direction != "bwd":
+            raise ValueError(f"direction must be fwd, bwd or fwd+bwd, got {direction!r}")
+        outs = forward(*inputs, *extra_args)
+        return lambda: grad_with_fixed_cotangents(outs, inputs, retain_graph=True)
+    return build
+
+
 def environment() -> Dict[str, object]:
     import triton
 

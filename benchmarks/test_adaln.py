@@ -8,6 +8,7 @@ bwd is timed as ``autograd.grad`` over a retained graph, for every peer alike.
 """
 import pytest
 import torch
+from harness import direction_builder
 import torch.nn.functional as F
 
 from fastdit.ops import adaln, adaln_modulate, gated_residual_adaln
@@ -72,36 +73,4 @@ def test_adaln(gpu_bench, randn, form, direction, impl, B, N, D):
     kwargs = dict(group=f"{'adaln' if form == 'plain' else 'gated_adaln'}.{direction}", impl=impl,
                   shape=f"{B}x{N}x{D}", bytes=PASSES[form][direction] * x_bytes)
 
-    def build():
-        if direction == "fwd":
-            return lambda: _no_grad(fn, inputs)
-        if direction == "fwd+bwd":
-            return lambda: _grad(fn(*inputs), inputs)
-        outs = fn(*inputs)  # bwd alone: the forward runs once, on the stream that will replay the backward
-        return lambda: _grad(outs, inputs, retain_graph=True)
-
-    gpu_bench(build, **kwargs)
-
-
-def _no_grad(fn, inputs):
-    with torch.no_grad():
-        return fn(*inputs)
-
-
-_COTANGENTS = {}
-
-
-def _grad(outs, inputs, retain_graph=False):
-    """Gradients of ``outs`` with fixed random cotangents (made once per output shape, not per call)."""
-    outs = (outs,) if isinstance(outs, torch.Tensor) else outs
-    cot = []
-    for index, o in enumerate(outs):
-        # one tensor per output (two outputs sharing one would let a kernel read it from cache the second
-        # time); made in the warm-up, never inside a timed call
-        key = (index, o.shape, o.dtype)
-        if key not in _COTANGENTS:
-            generator = torch.Generator(device=o.device)
-            generator.manual_seed(1 + index)
-            _COTANGENTS[key] = torch.randn(o.shape, dtype=o.dtype, device=o.device, generator=generator)
-        cot.append(_COTANGENTS[key])
-    return torch.autograd.grad(outs, inputs, cot, retain_graph=retain_graph)
+    gpu_bench(direction_builder(direction, fn, inputs), **kwargs)

@@ -9,6 +9,7 @@ Bytes (q-sized tensors, each read or written once):
 """
 import pytest
 import torch
+from harness import direction_builder
 
 from fastdit.ops import qk_norm_rope, rope, rope_freqs_2d, rotary
 
@@ -78,36 +79,4 @@ def test_rope(gpu_bench, randn, form, direction, impl, B, H, N, d):
     kwargs = dict(group=f"{form}.{direction}", impl=impl, shape=f"{B}x{H}x{N}x{d}",
                   bytes=PASSES[form][direction] * q_bytes)
 
-    def build():
-        if direction == "fwd":
-            return lambda: _no_grad(fn, inputs, freqs)
-        if direction == "fwd+bwd":
-            return lambda: _grad(fn(*inputs, freqs), inputs)
-        outs = fn(*inputs, freqs)  # bwd alone: the forward runs once, on the stream that will replay the backward
-        return lambda: _grad(outs, inputs, retain_graph=True)
-
-    gpu_bench(build, **kwargs)
-
-
-def _no_grad(fn, inputs, freqs):
-    with torch.no_grad():
-        return fn(*inputs, freqs)
-
-
-_COTANGENTS = {}
-
-
-def _grad(outs, inputs, retain_graph=False):
-    """Gradients of ``outs`` with fixed random cotangents (made once per output shape, not per call)."""
-    outs = (outs,) if isinstance(outs, torch.Tensor) else outs
-    cot = []
-    for index, o in enumerate(outs):
-        # one tensor per output (two outputs sharing one would let a kernel read it from cache the second
-        # time); made in the warm-up, never inside a timed call
-        key = (index, o.shape, o.dtype)
-        if key not in _COTANGENTS:
-            generator = torch.Generator(device=o.device)
-            generator.manual_seed(1 + index)
-            _COTANGENTS[key] = torch.randn(o.shape, dtype=o.dtype, device=o.device, generator=generator)
-        cot.append(_COTANGENTS[key])
-    return torch.autograd.grad(outs, inputs, cot, retain_graph=retain_graph)
+    gpu_bench(direction_builder(direction, fn, inputs, (freqs,)), **kwargs)
