@@ -41,7 +41,8 @@ def cases():
         _, _, qr, kr = qk_norm_rope_fwd(q, k, w, w, freqs)
         dq, dk = torch.randn_like(q), torch.randn_like(k)
         yield (f"qk_norm_rope.bwd {B}x{N}x{H}x{d}",
-               lambda dq=dq, dk=dk, q=q, k=k, w=w, f=freqs, qr=qr, kr=kr: qk_norm_rope_bwd(dq, dk, q, k, w, w, f, qr, kr))
+               lambda dq=dq, dk=dk, q=q, k=k, w=w, f=freqs, qr=qr, kr=kr:
+               qk_norm_rope_bwd(dq, dk, q, k, w, w, f, qr, kr))
 
 
 def main():
