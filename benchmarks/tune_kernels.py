@@ -49,18 +49,20 @@ def sweep(name, shape, nbytes, configs, make_fn, results, copy):
               f" {best[2] * 1e3:.1f} us")
 
 
-def tune_adaln(results, copy):
+def tune_adaln(results, copy, backward=True):
     for B, N, D in ADALN_SHAPES:
         x = torch.randn(B, N, D, device="cuda", dtype=torch.bfloat16)
         y = torch.randn_like(x)
         sh, sc, g = (torch.randn(B, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         xb = x.numel() * 2
-        fwd_cfgs = [dict(block_m=m, num_warps=w, steps=t)
-                    for m, w, t in itertools.product((1, 2, 4), (2, 4, 8), (1, 2, 4, 8))]
+        fwd_cfgs = [dict(block_m=m, num_warps=w, steps=t, split=p)
+                    for m, w, t, p in itertools.product((1, 2, 4), (2, 4, 8), (1, 2), (False, True))]
         sweep("adaln.fwd", (B, N, D), 2 * xb, fwd_cfgs,
               lambda **c: (lambda: adaln_fwd(x, sh, sc, 1e-6, **c)), results, copy)
         sweep("gated.fwd", (B, N, D), 4 * xb, fwd_cfgs,
               lambda **c: (lambda: adaln_fwd(x, sh, sc, 1e-6, res=y, gate=g, **c)), results, copy)
+        if not backward:
+            continue
         _, mean, rstd = adaln_fwd(x, sh, sc, 1e-6)
         xn, _, gmean, grstd = adaln_fwd(x, sh, sc, 1e-6, res=y, gate=g)
         dy, dxn = torch.randn_like(x), torch.randn_like(x)
@@ -141,6 +143,7 @@ def main():
     print(f"copy bandwidth {copy:,.0f} GB/s on {torch.cuda.get_device_name()}")
     results = []
     for part, run in (("overhead", lambda: host_overhead(results)), ("adaln", lambda: tune_adaln(results, copy)),
+                      ("adaln-fwd", lambda: tune_adaln(results, copy, backward=False)),
                       ("qk", lambda: tune_qk(results, copy))):
         if part in args.parts:
             run()

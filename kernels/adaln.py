@@ -46,6 +46,24 @@ def _fwd_load(X, RES, GATE, SHIFT, SCALE, rows, row_ok, N, cols, col_ok,
 
 
 @triton.jit
+def _fwd_residual(x, r, g, XNEW, out_offs, mask, GATED: tl.constexpr):
+    """fp32 row piece to normalise: x, or for the gated form x' = x + g*r (stored, and normalised as
+    stored so that out == LN-modulate(x'))."""
+    x = x.to(tl.float32)
+    if GATED:
+        x_new = to_dtype_rtne(x + g.to(tl.float32) * r.to(tl.float32), XNEW.dtype.element_ty)
+        tl.store(XNEW + out_offs, x_new, mask=mask)
+        x = x_new.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _fwd_modulate_store(OUT, out_offs, mask, xc, rstd, shift, scale):
+    out = xc * rstd[:, None] * (1.0 + scale.to(tl.float32)) + shift.to(tl.float32)
+    tl.store(OUT + out_offs, to_dtype_rtne(out, OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _adaln_fwd_kernel(
     X, RES, GATE, SHIFT, SCALE,
     OUT, XNEW, MEAN, RSTD,
@@ -53,9 +71,15 @@ def _adaln_fwd_kernel(
     s_xb, s_xn, s_xd, s_rb, s_rn, s_rd, s_gb, s_gn, s_gd,
     s_hb, s_hn, s_hd, s_cb, s_cn, s_cd,
     GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STEPS: tl.constexpr,
+    HAS_TAIL: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Program p normalises rows [p * BLOCK_M * STEPS, …) in STEPS blocks of BLOCK_M rows, loading
-    each block while the previous one is being computed and stored."""
+    each block while the previous one is being computed and stored.
+
+    A row is held as a head piece of BLOCK_D columns and, with HAS_TAIL, a tail piece of BLOCK_T
+    columns after it: D = 1152 as 1024 + 128 instead of one 2048-wide tile, of which 44% would be
+    masked lanes that still cost instructions (the profile of the one-piece kernel at D = 1152 showed
+    it issue-bound: SM throughput 78%, DRAM 46%)."""
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = offs_d < D
     cols = offs_d.to(tl.int64)[None, :]
@@ -63,25 +87,43 @@ def _adaln_fwd_kernel(
     row_ok = rows < M
     nxt = _fwd_load(X, RES, GATE, SHIFT, SCALE, rows, row_ok, N, cols, col_ok, s_xb, s_xn, s_xd, s_rb, s_rn, s_rd,
                     s_gb, s_gn, s_gd, s_hb, s_hn, s_hd, s_cb, s_cn, s_cd, GATED)
+    if HAS_TAIL:
+        offs_t = BLOCK_D + tl.arange(0, BLOCK_T)
+        tcol_ok = offs_t < D
+        tcols = offs_t.to(tl.int64)[None, :]
+        nxt_t = _fwd_load(X, RES, GATE, SHIFT, SCALE, rows, row_ok, N, tcols, tcol_ok, s_xb, s_xn, s_xd,
+                          s_rb, s_rn, s_rd, s_gb, s_gn, s_gd, s_hb, s_hn, s_hd, s_cb, s_cn, s_cd, GATED)
     for step in range(STEPS):
         x, r, g, shift, scale = nxt
+        if HAS_TAIL:
+            xt, rt, gt, shift_t, scale_t = nxt_t
         cur_rows, cur_ok = rows, row_ok
         rows += BLOCK_M
         row_ok = (rows < M) & (step + 1 < STEPS)
         nxt = _fwd_load(X, RES, GATE, SHIFT, SCALE, rows, row_ok, N, cols, col_ok, s_xb, s_xn, s_xd,
                         s_rb, s_rn, s_rd, s_gb, s_gn, s_gd, s_hb, s_hn, s_hd, s_cb, s_cn, s_cd, GATED)
+        if HAS_TAIL:
+            nxt_t = _fwd_load(X, RES, GATE, SHIFT, SCALE, rows, row_ok, N, tcols, tcol_ok, s_xb, s_xn, s_xd,
+                              s_rb, s_rn, s_rd, s_gb, s_gn, s_gd, s_hb, s_hn, s_hd, s_cb, s_cn, s_cd, GATED)
         mask = cur_ok[:, None] & col_ok[None, :]
         out_offs = cur_rows[:, None] * D + cols
-        x = x.to(tl.float32)
-        if GATED:
-            x_new = to_dtype_rtne(x + g.to(tl.float32) * r.to(tl.float32), XNEW.dtype.element_ty)
-            tl.store(XNEW + out_offs, x_new, mask=mask)
-            x = x_new.to(tl.float32)  # normalise the residual as stored, so out == LN-modulate(x')
-        mean = tl.sum(x, axis=1) / D
+        x = _fwd_residual(x, r, g, XNEW, out_offs, mask, GATED)
+        row_sum = tl.sum(x, axis=1)
+        if HAS_TAIL:
+            tmask = cur_ok[:, None] & tcol_ok[None, :]
+            tout_offs = cur_rows[:, None] * D + tcols
+            xt = _fwd_residual(xt, rt, gt, XNEW, tout_offs, tmask, GATED)
+            row_sum += tl.sum(xt, axis=1)
+        mean = row_sum / D
         xc = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)
-        out = xc * rstd[:, None] * (1.0 + scale.to(tl.float32)) + shift.to(tl.float32)
-        tl.store(OUT + out_offs, to_dtype_rtne(out, OUT.dtype.element_ty), mask=mask)
+        sq_sum = tl.sum(xc * xc, axis=1)
+        if HAS_TAIL:
+            xct = tl.where(tmask, xt - mean[:, None], 0.0)
+            sq_sum += tl.sum(xct * xct, axis=1)
+        rstd = tl.rsqrt(sq_sum / D + eps)
+        _fwd_modulate_store(OUT, out_offs, mask, xc, rstd, shift, scale)
+        if HAS_TAIL:
+            _fwd_modulate_store(OUT, tout_offs, tmask, xct, rstd, shift_t, scale_t)
         tl.store(MEAN + cur_rows, mean, mask=cur_ok)
         tl.store(RSTD + cur_rows, rstd, mask=cur_ok)
 
@@ -201,23 +243,40 @@ def _mod_strides(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _fwd_config(D: int, gated: bool, block_m: Optional[int], num_warps: Optional[int], steps: Optional[int]):
+def row_pieces(D: int, split: Optional[bool] = None):
+    """(head, tail) widths of the tiles that hold a row of D: one power-of-two tile (tail 0), or the largest
+    power of two ≤ D plus a power-of-two tail for the rest when that masks fewer lanes
+    (1152 = 1024 + 128, 3072 = 2048 + 1024, 72 = 64 + 8; 123 stays one 128 tile)."""
+    single = _utils.next_pow2(D)
+    head = single // 2 if single > D else single
+    tail = _utils.next_pow2(D - head) if D > head else 0
+    if split is None:
+        split = tail > 0 and head + tail < single
+    return (head, tail) if split and tail > 0 else (single, 0)
+
+
+def _fwd_config(D: int, gated: bool, block_m: Optional[int], num_warps: Optional[int], steps: Optional[int],
+                split: Optional[bool] = None):
     """Defaults from benchmarks/tune_kernels.py on an H100 (2026-11-22): one row per program for D ≥ 1024
     with 4 warps (8 for the gated form from D = 4096 on); several rows per program for small D; more
-    row blocks per program (``steps``) never won, so 1."""
-    block_d = _utils.next_pow2(D)
-    block_m = block_m or max(1, min(16, 1024 // block_d))
+    row blocks per program (``steps``) never won, so 1. The row is split into two power-of-two pieces
+    when that wastes fewer lanes (see :func:`row_pieces`)."""
+    block_d, block_t = row_pieces(D, split)
+    width = _utils.next_pow2(D)  # the launch heuristics were tuned per padded row width
+    block_m = block_m or max(1, min(16, 1024 // width))
     if num_warps is None:
-        num_warps = 4 if block_d < (4096 if gated else 8192) else (8 if block_d < 16384 else 16)
-    return block_m, block_d, num_warps, steps or 1
+        num_warps = 4 if width < (4096 if gated else 8192) else (8 if width < 16384 else 16)
+    return block_m, block_d, block_t, num_warps, steps or 1
 
 
 def adaln_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
               res: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None, *,
-              block_m: Optional[int] = None, num_warps: Optional[int] = None, steps: Optional[int] = None):
+              block_m: Optional[int] = None, num_warps: Optional[int] = None, steps: Optional[int] = None,
+              split: Optional[bool] = None):
     """LN-modulate forward. Without ``res``/``gate``: returns (out, mean, rstd). With them (the gated
     residual): returns (x_new, out, mean, rstd). mean/rstd are fp32 (B, N). ``block_m`` (rows per
-    step), ``steps`` (row blocks per program) and ``num_warps`` override the heuristics (for tuning)."""
+    step), ``steps`` (row blocks per program), ``num_warps`` and ``split`` (row as two tiles, see
+    :func:`row_pieces`) override the heuristics (for tuning and tests)."""
     B, N, D = x.shape
     assert D <= MAX_D, f"D = {D} > {MAX_D}"
     gated = res is not None
@@ -226,7 +285,7 @@ def adaln_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: fl
     x_new = _utils.new_empty((B, N, D), x.dtype, x.device) if gated else out
     mean = _utils.new_empty((B, N), torch.float32, x.device)
     rstd = _utils.new_empty((B, N), torch.float32, x.device)
-    block_m, block_d, warps, steps = _fwd_config(D, res is not None, block_m, num_warps, steps)
+    block_m, block_d, block_t, warps, steps = _fwd_config(D, res is not None, block_m, num_warps, steps, split)
     r, g = (res, gate) if gated else (x, shift)
     r_strides = r.stride() if gated else (0, 0, 0)
     g_strides = _mod_strides(g) if gated else (0, 0, 0)
@@ -234,7 +293,8 @@ def adaln_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: fl
         _adaln_fwd_kernel[(triton.cdiv(M, block_m * steps),)](
             x, r, g, shift, scale, out, x_new, mean, rstd, M, N, D, eps,
             *x.stride(), *r_strides, *g_strides, *_mod_strides(shift), *_mod_strides(scale),
-            GATED=gated, BLOCK_M=block_m, BLOCK_D=block_d, STEPS=steps, num_warps=warps)
+            GATED=gated, BLOCK_M=block_m, BLOCK_D=block_d, STEPS=steps, HAS_TAIL=block_t > 0,
+            BLOCK_T=max(block_t, 1), num_warps=warps)
     return (x_new, out, mean, rstd) if gated else (out, mean, rstd)
 
 

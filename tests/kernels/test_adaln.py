@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from fastdit.kernels.adaln import adaln_bwd, adaln_fwd
+from fastdit.kernels.adaln import adaln_bwd, adaln_fwd, row_pieces
 from fastdit.ops import adaln_modulate, adaln_modulate_ref, gated_residual_adaln, gated_residual_adaln_ref
 from fastdit.testing import assert_close_to_reference, gated_residual_adaln_float64
 
@@ -144,6 +144,15 @@ def test_opcheck_on_the_kernel_path(per_token, device):
     opcheck(torch.ops.fastdit.gated_residual_adaln.default, (x, y, gate, shift, scale, 1e-6))
 
 
+def test_row_pieces_cover_the_row_with_fewer_masked_lanes():
+    assert row_pieces(1152) == (1024, 128) and row_pieces(3072) == (2048, 1024) and row_pieces(1536) == (1024, 512)
+    assert row_pieces(72) == (64, 8) and row_pieces(4096) == (4096, 0)
+    assert row_pieces(123) == (128, 0) and row_pieces(123, split=True) == (64, 64)
+    for D in range(1, 300):
+        head, tail = row_pieces(D)
+        assert head + tail >= D and head + tail <= 2 * D and (tail == 0 or head < D)
+
+
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 def test_every_launch_configuration_computes_the_same(gated, device):
     """Rows per step, row blocks per program (with prefetch), chunking of the backward: any
@@ -153,8 +162,9 @@ def test_every_launch_configuration_computes_the_same(gated, device):
     shift, scale = rest[-2], rest[-1]
     extra = dict(res=y, gate=gate) if gated else {}
     want = adaln_fwd(x, shift, scale, 1e-6, **extra)
-    for block_m, steps, warps in ((1, 1, 4), (4, 3, 2), (2, 8, 8)):
-        got = adaln_fwd(x, shift, scale, 1e-6, block_m=block_m, steps=steps, num_warps=warps, **extra)
+    # split=True holds a row of 123 as 64 + a 64-wide tail of which 59 columns are real
+    for block_m, steps, warps, split in ((1, 1, 4, None), (4, 3, 2, True), (2, 8, 8, False), (1, 1, 4, True)):
+        got = adaln_fwd(x, shift, scale, 1e-6, block_m=block_m, steps=steps, num_warps=warps, split=split, **extra)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-2 if a.dtype == torch.bfloat16 else 1e-5)
     dout = torch.randn_like(x)
