@@ -29,20 +29,37 @@ MAX_D = 16384
 @triton.jit
 def _fwd_load(X, RES, GATE, SHIFT, SCALE, rows, row_ok, N, cols, col_ok,
               s_xb, s_xn, s_xd, s_rb, s_rn, s_rd, s_gb, s_gn, s_gd, s_hb, s_hn, s_hd, s_cb, s_cn, s_cd,
-              GATED: tl.constexpr):
-    """Raw loads of one block of rows (what the next step needs, issued a step early)."""
+              GATED: tl.constexpr, LOAD_MOD: tl.constexpr):
+    """Raw loads of one block of rows (what the next step needs, issued a step early). Without LOAD_MOD
+    the modulation is the program's per-sample row, loaded once by the caller (x stands in for it)."""
     mask = row_ok[:, None] & col_ok[None, :]
     b = rows // N
     n = rows - b * N
     x = tl.load(X + (b * s_xb + n * s_xn)[:, None] + cols * s_xd, mask=mask, other=0.0)
-    shift = tl.load(SHIFT + (b * s_hb + n * s_hn)[:, None] + cols * s_hd, mask=mask, other=0.0)
-    scale = tl.load(SCALE + (b * s_cb + n * s_cn)[:, None] + cols * s_cd, mask=mask, other=0.0)
+    shift = x
+    scale = x
     r = x
-    g = shift
+    g = x
+    if LOAD_MOD:
+        shift = tl.load(SHIFT + (b * s_hb + n * s_hn)[:, None] + cols * s_hd, mask=mask, other=0.0)
+        scale = tl.load(SCALE + (b * s_cb + n * s_cn)[:, None] + cols * s_cd, mask=mask, other=0.0)
     if GATED:
         r = tl.load(RES + (b * s_rb + n * s_rn)[:, None] + cols * s_rd, mask=mask, other=0.0)
-        g = tl.load(GATE + (b * s_gb + n * s_gn)[:, None] + cols * s_gd, mask=mask, other=0.0)
+        if LOAD_MOD:
+            g = tl.load(GATE + (b * s_gb + n * s_gn)[:, None] + cols * s_gd, mask=mask, other=0.0)
     return x, r, g, shift, scale
+
+
+@triton.jit
+def _sample_mod(GATE, SHIFT, SCALE, b, cols, col_ok, s_gb, s_gd, s_hb, s_hd, s_cb, s_cd, GATED: tl.constexpr):
+    """Sample b's (gate, shift, scale) rows as [1, width] tiles (gate = shift without GATED)."""
+    ok = col_ok[None, :]
+    shift = tl.load(SHIFT + b * s_hb + cols * s_hd, mask=ok, other=0.0)
+    scale = tl.load(SCALE + b * s_cb + cols * s_cd, mask=ok, other=0.0)
+    g = shift
+    if GATED:
+        g = tl.load(GATE + b * s_gb + cols * s_gd, mask=ok, other=0.0)
+    return g, shift, scale
 
 
 @triton.jit
@@ -67,11 +84,11 @@ def _fwd_modulate_store(OUT, out_offs, mask, xc, rstd, shift, scale):
 def _adaln_fwd_kernel(
     X, RES, GATE, SHIFT, SCALE,
     OUT, XNEW, MEAN, RSTD,
-    M, N, D, eps,
+    M, N, D, eps, chunks,
     s_xb, s_xn, s_xd, s_rb, s_rn, s_rd, s_gb, s_gn, s_gd,
     s_hb, s_hn, s_hd, s_cb, s_cn, s_cd,
     GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STEPS: tl.constexpr,
-    HAS_TAIL: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_TAIL: tl.constexpr, BLOCK_T: tl.constexpr, SAMPLE_GRID: tl.constexpr,
 ):
     """Program p normalises rows [p * BLOCK_M * STEPS, …) in STEPS blocks of BLOCK_M rows, loading
     each block while the previous one is being computed and stored.
@@ -79,32 +96,55 @@ def _adaln_fwd_kernel(
     A row is held as a head piece of BLOCK_D columns and, with HAS_TAIL, a tail piece of BLOCK_T
     columns after it: D = 1152 as 1024 + 128 instead of one 2048-wide tile, of which 44% would be
     masked lanes that still cost instructions (the profile of the one-piece kernel at D = 1152 showed
-    it issue-bound: SM throughput 78%, DRAM 46%)."""
+    it issue-bound: SM throughput 78%, DRAM 46%).
+
+    With SAMPLE_GRID (per-sample modulation only) program p covers ``chunks`` consecutive row spans
+    of one sample, b = p // chunks, and loads the sample's modulation rows once instead of per row."""
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = offs_d < D
     cols = offs_d.to(tl.int64)[None, :]
-    rows = tl.program_id(0).to(tl.int64) * (BLOCK_M * STEPS) + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
+    pid = tl.program_id(0).to(tl.int64)
+    if SAMPLE_GRID:
+        b = pid // chunks
+        first = b * N + (pid - b * chunks) * (BLOCK_M * STEPS)
+        row_end = b * N + N
+        g_once, shift_once, scale_once = _sample_mod(GATE, SHIFT, SCALE, b, cols, col_ok, s_gb, s_gd, s_hb, s_hd,
+                                                     s_cb, s_cd, GATED)
+    else:
+        first = pid * (BLOCK_M * STEPS)
+        row_end = M
+    rows = first + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
     nxt = _fwd_load(X, RES, GATE, SHIFT, SCALE, rows, row_ok, N, cols, col_ok, s_xb, s_xn, s_xd, s_rb, s_rn, s_rd,
-                    s_gb, s_gn, s_gd, s_hb, s_hn, s_hd, s_cb, s_cn, s_cd, GATED)
+                    s_gb, s_gn, s_gd, s_hb, s_hn, s_hd, s_cb, s_cn, s_cd, GATED, not SAMPLE_GRID)
     if HAS_TAIL:
         offs_t = BLOCK_D + tl.arange(0, BLOCK_T)
         tcol_ok = offs_t < D
         tcols = offs_t.to(tl.int64)[None, :]
         nxt_t = _fwd_load(X, RES, GATE, SHIFT, SCALE, rows, row_ok, N, tcols, tcol_ok, s_xb, s_xn, s_xd,
-                          s_rb, s_rn, s_rd, s_gb, s_gn, s_gd, s_hb, s_hn, s_hd, s_cb, s_cn, s_cd, GATED)
+                          s_rb, s_rn, s_rd, s_gb, s_gn, s_gd, s_hb, s_hn, s_hd, s_cb, s_cn, s_cd, GATED,
+                          not SAMPLE_GRID)
+        if SAMPLE_GRID:
+            gt_once, shift_t_once, scale_t_once = _sample_mod(GATE, SHIFT, SCALE, b, tcols, tcol_ok, s_gb, s_gd,
+                                                              s_hb, s_hd, s_cb, s_cd, GATED)
     for step in range(STEPS):
         x, r, g, shift, scale = nxt
+        if SAMPLE_GRID:
+            g, shift, scale = g_once, shift_once, scale_once
         if HAS_TAIL:
             xt, rt, gt, shift_t, scale_t = nxt_t
+            if SAMPLE_GRID:
+                gt, shift_t, scale_t = gt_once, shift_t_once, scale_t_once
         cur_rows, cur_ok = rows, row_ok
         rows += BLOCK_M
-        row_ok = (rows < M) & (step + 1 < STEPS)
+        row_ok = (rows < row_end) & (step + 1 < STEPS)
         nxt = _fwd_load(X, RES, GATE, SHIFT, SCALE, rows, row_ok, N, cols, col_ok, s_xb, s_xn, s_xd,
-                        s_rb, s_rn, s_rd, s_gb, s_gn, s_gd, s_hb, s_hn, s_hd, s_cb, s_cn, s_cd, GATED)
+                        s_rb, s_rn, s_rd, s_gb, s_gn, s_gd, s_hb, s_hn, s_hd, s_cb, s_cn, s_cd, GATED,
+                        not SAMPLE_GRID)
         if HAS_TAIL:
             nxt_t = _fwd_load(X, RES, GATE, SHIFT, SCALE, rows, row_ok, N, tcols, tcol_ok, s_xb, s_xn, s_xd,
-                              s_rb, s_rn, s_rd, s_gb, s_gn, s_gd, s_hb, s_hn, s_hd, s_cb, s_cn, s_cd, GATED)
+                              s_rb, s_rn, s_rd, s_gb, s_gn, s_gd, s_hb, s_hn, s_hd, s_cb, s_cn, s_cd, GATED,
+                              not SAMPLE_GRID)
         mask = cur_ok[:, None] & col_ok[None, :]
         out_offs = cur_rows[:, None] * D + cols
         x = _fwd_residual(x, r, g, XNEW, out_offs, mask, GATED)
@@ -272,11 +312,12 @@ def _fwd_config(D: int, gated: bool, block_m: Optional[int], num_warps: Optional
 def adaln_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
               res: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None, *,
               block_m: Optional[int] = None, num_warps: Optional[int] = None, steps: Optional[int] = None,
-              split: Optional[bool] = None):
+              split: Optional[bool] = None, sample_grid: Optional[bool] = None):
     """LN-modulate forward. Without ``res``/``gate``: returns (out, mean, rstd). With them (the gated
     residual): returns (x_new, out, mean, rstd). mean/rstd are fp32 (B, N). ``block_m`` (rows per
     step), ``steps`` (row blocks per program), ``num_warps`` and ``split`` (row as two tiles, see
-    :func:`row_pieces`) override the heuristics (for tuning and tests)."""
+    :func:`row_pieces`) override the heuristics (for tuning and tests); ``sample_grid`` (per-sample
+    modulation only) gives each program rows of one sample and loads its modulation rows once."""
     B, N, D = x.shape
     assert D <= MAX_D, f"D = {D} > {MAX_D}"
     gated = res is not None
@@ -289,12 +330,20 @@ def adaln_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: fl
     r, g = (res, gate) if gated else (x, shift)
     r_strides = r.stride() if gated else (0, 0, 0)
     g_strides = _mod_strides(g) if gated else (0, 0, 0)
+    per_sample = shift.dim() == 2 and scale.dim() == 2 and (not gated or gate.dim() == 2)
+    if sample_grid is None:
+        sample_grid = per_sample and steps > 1
+    if sample_grid and not per_sample:
+        raise ValueError("adaln_fwd: sample_grid needs per-sample (B, D) modulation")
+    rows_per_program = block_m * steps
+    chunks = triton.cdiv(N, rows_per_program) if sample_grid else 0
+    programs = B * chunks if sample_grid else triton.cdiv(M, rows_per_program)
     if M > 0:
-        _adaln_fwd_kernel[(triton.cdiv(M, block_m * steps),)](
-            x, r, g, shift, scale, out, x_new, mean, rstd, M, N, D, eps,
+        _adaln_fwd_kernel[(programs,)](
+            x, r, g, shift, scale, out, x_new, mean, rstd, M, N, D, eps, chunks,
             *x.stride(), *r_strides, *g_strides, *_mod_strides(shift), *_mod_strides(scale),
             GATED=gated, BLOCK_M=block_m, BLOCK_D=block_d, STEPS=steps, HAS_TAIL=block_t > 0,
-            BLOCK_T=max(block_t, 1), num_warps=warps)
+            BLOCK_T=max(block_t, 1), SAMPLE_GRID=sample_grid, num_warps=warps)
     return (x_new, out, mean, rstd) if gated else (out, mean, rstd)
 
 
