@@ -29,37 +29,20 @@ MAX_D = 16384
 @triton.jit
 def _fwd_load(X, RES, GATE, SHIFT, SCALE, rows, row_ok, N, cols, col_ok,
               s_xb, s_xn, s_xd, s_rb, s_rn, s_rd, s_gb, s_gn, s_gd, s_hb, s_hn, s_hd, s_cb, s_cn, s_cd,
-              GATED: tl.constexpr, LOAD_MOD: tl.constexpr):
-    """Raw loads of one block of rows (what the next step needs, issued a step early). Without LOAD_MOD
-    the modulation is the program's per-sample row, loaded once by the caller (x stands in for it)."""
+              GATED: tl.constexpr):
+    """Raw loads of one block of rows (what the next step needs, issued a step early)."""
     mask = row_ok[:, None] & col_ok[None, :]
     b = rows // N
     n = rows - b * N
     x = tl.load(X + (b * s_xb + n * s_xn)[:, None] + cols * s_xd, mask=mask, other=0.0)
-    shift = x
-    scale = x
+    shift = tl.load(SHIFT + (b * s_hb + n * s_hn)[:, None] + cols * s_hd, mask=mask, other=0.0)
+    scale = tl.load(SCALE + (b * s_cb + n * s_cn)[:, None] + cols * s_cd, mask=mask, other=0.0)
     r = x
-    g = x
-    if LOAD_MOD:
-        shift = tl.load(SHIFT + (b * s_hb + n * s_hn)[:, None] + cols * s_hd, mask=mask, other=0.0)
-        scale = tl.load(SCALE + (b * s_cb + n * s_cn)[:, None] + cols * s_cd, mask=mask, other=0.0)
-    if GATED:
-        r = tl.load(RES + (b * s_rb + n * s_rn)[:, None] + cols * s_rd, mask=mask, other=0.0)
-        if LOAD_MOD:
-            g = tl.load(GATE + (b * s_gb + n * s_gn)[:, None] + cols * s_gd, mask=mask, other=0.0)
-    return x, r, g, shift, scale
-
-
-@triton.jit
-def _sample_mod(GATE, SHIFT, SCALE, b, cols, col_ok, s_gb, s_gd, s_hb, s_hd, s_cb, s_cd, GATED: tl.constexpr):
-    """Sample b's (gate, shift, scale) rows as [1, width] tiles (gate = shift without GATED)."""
-    ok = col_ok[None, :]
-    shift = tl.load(SHIFT + b * s_hb + cols * s_hd, mask=ok, other=0.0)
-    scale = tl.load(SCALE + b * s_cb + cols * s_cd, mask=ok, other=0.0)
     g = shift
     if GATED:
-        g = tl.load(GATE + b * s_gb + cols * s_gd, mask=ok, other=0.0)
-    return g, shift, scale
+        r = tl.load(RES + (b * s_rb + n * s_rn)[:, None] + cols * s_rd, mask=mask, other=0.0)
+        g = tl.load(GATE + (b * s_gb + n * s_gn)[:, None] + cols * s_gd, mask=mask, other=0.0)
+    return x, r, g, shift, scale
 
 
 @triton.jit
@@ -84,11 +67,11 @@ def _fwd_modulate_store(OUT, out_offs, mask, xc, rstd, shift, scale):
 def _adaln_fwd_kernel(
     X, RES, GATE, SHIFT, SCALE,
     OUT, XNEW, MEAN, RSTD,
-    M, N, D, eps, chunks,
+    M, N, D, eps,
     s_xb, s_xn, s_xd, s_rb, s_rn, s_rd, s_gb, s_gn, s_gd,
     s_hb, s_hn, s_hd, s_cb, s_cn, s_cd,
     GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STEPS: tl.constexpr,
-    HAS_TAIL: tl.constexpr, BLOCK_T: tl.constexpr, SAMPLE_GRID: tl.constexpr,
+    HAS_TAIL: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Program p normalises rows [p * BLOCK_M * STEPS, …) in STEPS blocks of BLOCK_M rows, loading
     each block while the previous one is being computed and stored.
@@ -96,55 +79,32 @@ def _adaln_fwd_kernel(
     A row is held as a head piece of BLOCK_D columns and, with HAS_TAIL, a tail piece of BLOCK_T
     columns after it: D = 1152 as 1024 + 128 instead of one 2048-wide tile, of which 44% would be
     masked lanes that still cost instructions (the profile of the one-piece kernel at D = 1152 showed
-    it issue-bound: SM throughput 78%, DRAM 46%).
-
-    With SAMPLE_GRID (per-sample modulation only) program p covers ``chunks`` consecutive row spans
-    of one sample, b = p // chunks, and loads the sample's modulation rows once instead of per row."""
+    it issue-bound: SM throughput 78%, DRAM 46%)."""
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = offs_d < D
     cols = offs_d.to(tl.int64)[None, :]
-    pid = tl.program_id(0).to(tl.int64)
-    if SAMPLE_GRID:
-        b = pid // chunks
-        first = b * N + (pid - b * chunks) * (BLOCK_M * STEPS)
-        row_end = b * N + N
-        g_once, shift_once, scale_once = _sample_mod(GATE, SHIFT, SCALE, b, cols, col_ok, s_gb, s_gd, s_hb, s_hd,
-                                                     s_cb, s_cd, GATED)
-    else:
-        first = pid * (BLOCK_M * STEPS)
-        row_end = M
-    rows = first + tl.arange(0, BLOCK_M)
-    row_ok = rows < row_end
+    rows = tl.program_id(0).to(tl.int64) * (BLOCK_M * STEPS) + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
     nxt = _fwd_load(X, RES, GATE, SHIFT, SCALE, rows, row_ok, N, cols, col_ok, s_xb, s_xn, s_xd, s_rb, s_rn, s_rd,
-                    s_gb, s_gn, s_gd, s_hb, s_hn, s_hd, s_cb, s_cn, s_cd, GATED, not SAMPLE_GRID)
+                    s_gb, s_gn, s_gd, s_hb, s_hn, s_hd, s_cb, s_cn, s_cd, GATED)
     if HAS_TAIL:
         offs_t = BLOCK_D + tl.arange(0, BLOCK_T)
         tcol_ok = offs_t < D
         tcols = offs_t.to(tl.int64)[None, :]
         nxt_t = _fwd_load(X, RES, GATE, SHIFT, SCALE, rows, row_ok, N, tcols, tcol_ok, s_xb, s_xn, s_xd,
-                          s_rb, s_rn, s_rd, s_gb, s_gn, s_gd, s_hb, s_hn, s_hd, s_cb, s_cn, s_cd, GATED,
-                          not SAMPLE_GRID)
-        if SAMPLE_GRID:
-            gt_once, shift_t_once, scale_t_once = _sample_mod(GATE, SHIFT, SCALE, b, tcols, tcol_ok, s_gb, s_gd,
-                                                              s_hb, s_hd, s_cb, s_cd, GATED)
+                          s_rb, s_rn, s_rd, s_gb, s_gn, s_gd, s_hb, s_hn, s_hd, s_cb, s_cn, s_cd, GATED)
     for step in range(STEPS):
         x, r, g, shift, scale = nxt
-        if SAMPLE_GRID:
-            g, shift, scale = g_once, shift_once, scale_once
         if HAS_TAIL:
             xt, rt, gt, shift_t, scale_t = nxt_t
-            if SAMPLE_GRID:
-                gt, shift_t, scale_t = gt_once, shift_t_once, scale_t_once
         cur_rows, cur_ok = rows, row_ok
         rows += BLOCK_M
-        row_ok = (rows < row_end) & (step + 1 < STEPS)
+        row_ok = (rows < M) & (step + 1 < STEPS)
         nxt = _fwd_load(X, RES, GATE, SHIFT, SCALE, rows, row_ok, N, cols, col_ok, s_xb, s_xn, s_xd,
-                        s_rb, s_rn, s_rd, s_gb, s_gn, s_gd, s_hb, s_hn, s_hd, s_cb, s_cn, s_cd, GATED,
-                        not SAMPLE_GRID)
+                        s_rb, s_rn, s_rd, s_gb, s_gn, s_gd, s_hb, s_hn, s_hd, s_cb, s_cn, s_cd, GATED)
         if HAS_TAIL:
             nxt_t = _fwd_load(X, RES, GATE, SHIFT, SCALE, rows, row_ok, N, tcols, tcol_ok, s_xb, s_xn, s_xd,
-                              s_rb, s_rn, s_rd, s_gb, s_gn, s_gd, s_hb, s_hn, s_hd, s_cb, s_cn, s_cd, GATED,
-                              not SAMPLE_GRID)
+                              s_rb, s_rn, s_rd, s_gb, s_gn, s_gd, s_hb, s_hn, s_hd, s_cb, s_cn, s_cd, GATED)
         mask = cur_ok[:, None] & col_ok[None, :]
         out_offs = cur_rows[:, None] * D + cols
         x = _fwd_residual(x, r, g, XNEW, out_offs, mask, GATED)
@@ -297,27 +257,31 @@ def row_pieces(D: int, split: Optional[bool] = None):
 
 def _fwd_config(D: int, gated: bool, block_m: Optional[int], num_warps: Optional[int], steps: Optional[int],
                 split: Optional[bool] = None):
-    """Defaults from benchmarks/tune_kernels.py on an H100 (2026-11-22): one row per program for D ≥ 1024
-    with 4 warps (8 for the gated form from D = 4096 on); several rows per program for small D; more
-    row blocks per program (``steps``) never won, so 1. The row is split into two power-of-two pieces
-    when that wastes fewer lanes (see :func:`row_pieces`)."""
+    """Defaults from benchmarks/tune_kernels.py on an H100 (2026-11-22, results/2026-11-22_h100_tune_adaln_fwd.json).
+    The row is held as two power-of-two tiles when that masks fewer lanes (:func:`row_pieces`; won at
+    every tuned shape, by 4-30%). For D ≥ 1024 one row per program, with about 24 columns per thread:
+    2 warps up to 2048 held columns (D = 1152, 1536), 4 up to 4096 (3072), then 8 and 16. Several rows
+    per program for small D. More row blocks per program (``steps``), also with the modulation loaded once
+    per program for per-sample rows, never won: 1."""
     block_d, block_t = row_pieces(D, split)
-    width = _utils.next_pow2(D)  # the launch heuristics were tuned per padded row width
-    block_m = block_m or max(1, min(16, 1024 // width))
+    held = block_d + block_t
+    block_m = block_m or max(1, min(16, 1024 // _utils.next_pow2(D)))
     if num_warps is None:
-        num_warps = 4 if width < (4096 if gated else 8192) else (8 if width < 16384 else 16)
+        if block_m > 1:
+            num_warps = 4
+        else:
+            num_warps = 2 if held <= 2048 else 4 if held <= 4096 else 8 if held <= 8192 else 16
     return block_m, block_d, block_t, num_warps, steps or 1
 
 
 def adaln_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
               res: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None, *,
               block_m: Optional[int] = None, num_warps: Optional[int] = None, steps: Optional[int] = None,
-              split: Optional[bool] = None, sample_grid: Optional[bool] = None):
+              split: Optional[bool] = None):
     """LN-modulate forward. Without ``res``/``gate``: returns (out, mean, rstd). With them (the gated
     residual): returns (x_new, out, mean, rstd). mean/rstd are fp32 (B, N). ``block_m`` (rows per
     step), ``steps`` (row blocks per program), ``num_warps`` and ``split`` (row as two tiles, see
-    :func:`row_pieces`) override the heuristics (for tuning and tests); ``sample_grid`` (per-sample
-    modulation only) gives each program rows of one sample and loads its modulation rows once."""
+    :func:`row_pieces`) override the heuristics (for tuning and tests)."""
     B, N, D = x.shape
     assert D <= MAX_D, f"D = {D} > {MAX_D}"
     gated = res is not None
@@ -330,20 +294,12 @@ def adaln_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: fl
     r, g = (res, gate) if gated else (x, shift)
     r_strides = r.stride() if gated else (0, 0, 0)
     g_strides = _mod_strides(g) if gated else (0, 0, 0)
-    per_sample = shift.dim() == 2 and scale.dim() == 2 and (not gated or gate.dim() == 2)
-    if sample_grid is None:
-        sample_grid = per_sample and steps > 1
-    if sample_grid and not per_sample:
-        raise ValueError("adaln_fwd: sample_grid needs per-sample (B, D) modulation")
-    rows_per_program = block_m * steps
-    chunks = triton.cdiv(N, rows_per_program) if sample_grid else 0
-    programs = B * chunks if sample_grid else triton.cdiv(M, rows_per_program)
     if M > 0:
-        _adaln_fwd_kernel[(programs,)](
-            x, r, g, shift, scale, out, x_new, mean, rstd, M, N, D, eps, chunks,
+        _adaln_fwd_kernel[(triton.cdiv(M, block_m * steps),)](
+            x, r, g, shift, scale, out, x_new, mean, rstd, M, N, D, eps,
             *x.stride(), *r_strides, *g_strides, *_mod_strides(shift), *_mod_strides(scale),
             GATED=gated, BLOCK_M=block_m, BLOCK_D=block_d, STEPS=steps, HAS_TAIL=block_t > 0,
-            BLOCK_T=max(block_t, 1), SAMPLE_GRID=sample_grid, num_warps=warps)
+            BLOCK_T=max(block_t, 1), num_warps=warps)
     return (x_new, out, mean, rstd) if gated else (out, mean, rstd)
 
 

@@ -144,12 +144,6 @@ def test_opcheck_on_the_kernel_path(per_token, device):
     opcheck(torch.ops.fastdit.gated_residual_adaln.default, (x, y, gate, shift, scale, 1e-6))
 
 
-def test_sample_grid_needs_per_sample_modulation(device):
-    x, shift, scale = (t.detach() for t in _inputs(2, 5, 72, torch.float32, torch.float32, True, device, False))
-    with pytest.raises(ValueError, match="per-sample"):
-        adaln_fwd(x, shift, scale, 1e-6, sample_grid=True)
-
-
 def test_row_pieces_cover_the_row_with_fewer_masked_lanes():
     assert row_pieces(1152) == (1024, 128) and row_pieces(3072) == (2048, 1024) and row_pieces(1536) == (1024, 512)
     assert row_pieces(72) == (64, 8) and row_pieces(4096) == (4096, 0)
@@ -168,13 +162,9 @@ def test_every_launch_configuration_computes_the_same(gated, device):
     shift, scale = rest[-2], rest[-1]
     extra = dict(res=y, gate=gate) if gated else {}
     want = adaln_fwd(x, shift, scale, 1e-6, **extra)
-    # split=True holds a row of 123 as 64 + a 64-wide tail of which 59 columns are real; sample_grid keeps
-    # each program inside one sample (37 tokens: the last span of each sample is partial)
-    for block_m, steps, warps, split, sample_grid in ((1, 1, 4, None, None), (4, 3, 2, True, False),
-                                                      (2, 8, 8, False, None), (1, 1, 4, True, True),
-                                                      (4, 3, 2, True, True), (2, 8, 4, False, True)):
-        got = adaln_fwd(x, shift, scale, 1e-6, block_m=block_m, steps=steps, num_warps=warps, split=split,
-                        sample_grid=sample_grid, **extra)
+    # split=True holds a row of 123 as 64 + a 64-wide tail of which 59 columns are real
+    for block_m, steps, warps, split in ((1, 1, 4, None), (4, 3, 2, True), (2, 8, 8, False), (1, 1, 4, True)):
+        got = adaln_fwd(x, shift, scale, 1e-6, block_m=block_m, steps=steps, num_warps=warps, split=split, **extra)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-2 if a.dtype == torch.bfloat16 else 1e-5)
     dout = torch.randn_like(x)
