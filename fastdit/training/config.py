@@ -1,0 +1,416 @@
+"""Typed trainer configuration: dataclass sections, JSON files, dotted command-line overrides.
+
+A config is a ``TrainConfig`` of sections (``run``, ``model``, ``task``, ``data``, ``optim``,
+``schedule``, ``ema``, ``checkpoint``, ``logging``). It loads from a JSON object of the same shape, any
+subset of keys (the rest keep their defaults), then ``section.key=value`` overrides apply on top:
+
+    cfg = TrainConfig.from_json("run.json", overrides=["optim.lr=1e-4", "run.precision=fp32",
+                                                       "model.options.depth=12"])
+
+Values of typed fields are parsed from their annotation (bool accepts true/false/1/0/yes/no/on/off;
+tuples accept ``0.9,0.95`` or JSON ``[0.9, 0.95]``; Optional fields accept ``none``/``null``); free-form
+``options`` dicts take JSON values (a bare word stays a string). Unknown sections or keys, unparsable
+values and values out of range raise ``ConfigError`` naming the dotted key (with a close match when
+there is one). ``to_json`` writes the whole config; checkpoints store it that way (never pickled).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+
+class ConfigError(ValueError):
+    """A configuration key, value or file is invalid (the message names the dotted key)."""
+
+
+@dataclass
+class RunConfig:
+    """Where and how the run executes.
+
+    output_dir: run folder (checkpoints/, samples/, metrics.jsonl, tb/, config.json).
+    max_steps: optimizer steps to train for (the loop counts steps, not epochs); a resumed run
+        continues until the same total.
+    seed: base seed; rank r seeds python/numpy/torch with ``seed + r``.
+    device: ``auto`` (cuda:LOCAL_RANK when CUDA is available, else cpu), ``cpu`` or ``cuda``.
+    distributed: ``auto`` (DDP when WORLD_SIZE > 1), ``none``, ``ddp`` or ``fsdp`` (FSDP2
+        ``fully_shard`` per element of ``model.blocks``, then the root).
+    precision: ``bf16`` (autocast to bfloat16, fp32 weights) or ``fp32``.
+    compile: ``torch.compile`` each element of ``model.blocks`` with ``fullgraph=True`` (in place, so
+        parameter names do not change).
+    gradient_checkpointing: recompute each block's activations in backward.
+    nonfinite: what all ranks do when the loss or grad norm is NaN/inf on any rank: ``skip`` the
+        optimizer step (counted, logged) or ``error`` (every rank raises ``NonFiniteError``).
+    max_consecutive_skips: ``skip`` turns into an error after this many skipped steps in a row
+        (0 = never).
+    tf32: allow TF32 matmuls/convolutions on CUDA (fp32 parts of the step run on tensor cores).
+    dist_timeout_s: timeout of collectives; a peer that died makes the others fail after this long.
+    """
+    output_dir: str = "runs/default"
+    max_steps: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    distributed: str = "auto"
+    precision: str = "bf16"
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    nonfinite: str = "skip"
+    max_consecutive_skips: int = 100
+    tf32: bool = True
+    dist_timeout_s: float = 600.0
+
+
+@dataclass
+class ModelConfig:
+    """Which model the entry point builds (the trainer itself receives a built module).
+
+    name: a preset name of the model registry (e.g. ``"DiT-XL/2"``).
+    options: keyword arguments for the model constructor (JSON values).
+    """
+    name: str = ""
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TaskConfig:
+    """Which training objective the entry point builds (e.g. rectified flow), with its options."""
+    name: str = ""
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """The data source.
+
+    batch_size: samples per rank per step (global batch = batch_size * world size).
+    kind: which dataset the entry point builds (``synthetic``, ``memory``, or a streaming loader's name).
+    path: where the data lives (kind-specific; empty for synthetic).
+    latent_shape: (C, H, W) of the latents (synthetic data; also what samplers produce).
+    num_classes: labels are in ``[0, num_classes)``; 0 = unconditional.
+    options: further kind-specific settings (JSON values).
+    """
+    batch_size: int = 32
+    kind: str = "synthetic"
+    path: str = ""
+    latent_shape: Tuple[int, int, int] = (4, 32, 32)
+    num_classes: int = 1000
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (fused on CUDA, foreach on CPU).
+
+    weight_decay applies to parameters with 2 or more dimensions only (not to biases and norm scales).
+    grad_clip: max global gradient norm; 0 disables clipping (the norm is still computed and logged).
+    """
+    lr: float = 1e-4
+    betas: Tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning rate: linear warm-up (``lr * step / warmup_steps`` for steps 1..warmup_steps), then
+    ``constant`` or ``cosine`` decay to ``min_lr_ratio * lr`` at ``total_steps`` (default
+    ``run.max_steps``)."""
+    kind: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    total_steps: Optional[int] = None
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the weights (fp32 shadow, used for sampling and export).
+
+    decay: the target decay; with ``warmup`` the decay of update n (0-based) is
+        ``min(decay, (1 + n) / (10 + n))`` so early averages are not dominated by the random init.
+    """
+    enabled: bool = True
+    decay: float = 0.9999
+    warmup: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints in ``<output_dir>/checkpoints``.
+
+    every: save every this many steps (0 = only the final one when ``save_final``).
+    keep_last: complete checkpoints kept (older ones are deleted; the newest never is).
+    resume: ``auto`` (latest checkpoint of output_dir if any), ``none`` (start fresh; refuses to run
+        when checkpoints exist, so they are not overwritten by accident) or a checkpoint folder.
+    safetensors: also write ``model.safetensors`` and ``ema.safetensors`` into each checkpoint.
+    save_final: save when ``max_steps`` is reached.
+    """
+    every: int = 1000
+    keep_last: int = 3
+    resume: str = "auto"
+    safetensors: bool = True
+    save_final: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics and samples.
+
+    every: log metrics every this many steps (the JSONL always gets a per-step loss record).
+    sample_every: write a sample grid PNG every this many steps (0 = never; needs ``task.samples``).
+    sample_rows: rows of the sample grid.
+    tensorboard: also write TensorBoard events when ``tensorboard`` is installed.
+    progress_bar: tqdm bar on rank 0's console.
+    peak_tflops: peak dense TFLOP/s of one device for MFU (H100 SXM bf16 dense: 989).
+    """
+    every: int = 10
+    sample_every: int = 0
+    sample_rows: int = 4
+    tensorboard: bool = True
+    progress_bar: bool = True
+    peak_tflops: float = 989.0
+
+
+_CHOICES = {
+    ("run", "device"): ("auto", "cpu", "cuda"),
+    ("run", "distributed"): ("auto", "none", "ddp", "fsdp"),
+    ("run", "precision"): ("bf16", "fp32"),
+    ("run", "nonfinite"): ("skip", "error"),
+    ("schedule", "kind"): ("constant", "cosine"),
+}
+
+
+@dataclass
+class TrainConfig:
+    """The whole trainer configuration (see the module docstring and each section's docstring)."""
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any], overrides: Sequence[str] = ()) -> "TrainConfig":
+        """Build from a (possibly partial) nested dict, apply ``key=value`` overrides, validate."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a config must be a JSON object, got {type(data).__name__}")
+        cfg = cls()
+        for section, values in data.items():
+            sec = _section(cfg, section)
+            if not isinstance(values, dict):
+                raise ConfigError(f"{section}: expected an object of settings, got {values!r}")
+            for key, value in values.items():
+                _field(sec, section, key)
+                setattr(sec, key, _coerce(value, _hint(sec, key), f"{section}.{key}", from_text=False))
+        for item in overrides:
+            cfg.apply_override(item, validate=False)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_json(cls, path: Optional[str] = None, overrides: Sequence[str] = ()) -> "TrainConfig":
+        """Load a JSON file (``None``: defaults only), then apply overrides."""
+        data: Dict[str, Any] = {}
+        if path is not None:
+            try:
+                with open(path, "r", encoding="utf-8") as fh:
+                    data = json.load(fh)
+            except OSError as err:
+                raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"config file {path} is not valid JSON: {err}") from None
+        return cls.from_dict(data, overrides)
+
+    @classmethod
+    def from_json_string(cls, text: str) -> "TrainConfig":
+        """Parse what ``to_json`` wrote (e.g. the copy stored in a checkpoint)."""
+        return cls.from_dict(json.loads(text))
+
+    def apply_override(self, item: str, validate: bool = True) -> None:
+        """Apply one ``section.key=value`` (or ``section.options.name=value``) override in place."""
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        path, text = item.split("=", 1)
+        parts = path.strip().split(".")
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(f"override {item!r}: the key must be dotted, e.g. optim.lr=1e-4")
+        sec = _section(self, parts[0])
+        _field(sec, parts[0], parts[1])
+        if len(parts) == 2:
+            setattr(sec, parts[1], _coerce(text, _hint(sec, parts[1]), path, from_text=True))
+        else:
+            target = getattr(sec, parts[1])
+            if not isinstance(target, dict):
+                raise ConfigError(f"override {item!r}: {parts[0]}.{parts[1]} has no sub-keys")
+            for name in parts[2:-1]:
+                target = target.setdefault(name, {})
+                if not isinstance(target, dict):
+                    raise ConfigError(f"override {item!r}: {name} is not an object")
+            target[parts[-1]] = _parse_json_value(text)
+        if validate:
+            self.validate()
+
+    # ---- output -------------------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain nested dict (tuples become lists), JSON-serialisable."""
+        return json.loads(self.to_json())
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=indent, sort_keys=False)
+
+    # ---- validation ---------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ``ConfigError`` for the first value out of its range or choices."""
+        for (section, key), choices in _CHOICES.items():
+            value = getattr(getattr(self, section), key)
+            if value not in choices:
+                raise ConfigError(f"{section}.{key} must be one of {', '.join(choices)}; got {value!r}")
+        r, o, s, c, lg, d = self.run, self.optim, self.schedule, self.checkpoint, self.logging, self.data
+        checks = [
+            ("run.max_steps", r.max_steps >= 1, "must be >= 1"),
+            ("run.seed", r.seed >= 0, "must be >= 0"),
+            ("run.output_dir", bool(r.output_dir), "must not be empty"),
+            ("run.max_consecutive_skips", r.max_consecutive_skips >= 0, "must be >= 0"),
+            ("run.dist_timeout_s", r.dist_timeout_s > 0, "must be > 0"),
+            ("data.batch_size", d.batch_size >= 1, "must be >= 1"),
+            ("data.num_classes", d.num_classes >= 0, "must be >= 0"),
+            ("data.latent_shape", all(v >= 1 for v in d.latent_shape), "sizes must be >= 1"),
+            ("optim.lr", o.lr > 0 and math.isfinite(o.lr), "must be a positive finite number"),
+            ("optim.betas", all(0 <= b < 1 for b in o.betas), "must be in [0, 1)"),
+            ("optim.eps", o.eps > 0, "must be > 0"),
+            ("optim.weight_decay", o.weight_decay >= 0, "must be >= 0"),
+            ("optim.grad_clip", o.grad_clip >= 0, "must be >= 0 (0 disables clipping)"),
+            ("schedule.warmup_steps", s.warmup_steps >= 0, "must be >= 0"),
+            ("schedule.min_lr_ratio", 0 <= s.min_lr_ratio <= 1, "must be in [0, 1]"),
+            ("schedule.total_steps", s.total_steps is None or s.total_steps > s.warmup_steps,
+             "must be greater than schedule.warmup_steps"),
+            ("ema.decay", 0 <= self.ema.decay < 1, "must be in [0, 1)"),
+            ("checkpoint.every", c.every >= 0, "must be >= 0 (0 = only at the end)"),
+            ("checkpoint.keep_last", c.keep_last >= 1, "must be >= 1"),
+            ("checkpoint.resume", bool(c.resume), "must be auto, none or a checkpoint folder"),
+            ("logging.every", lg.every >= 1, "must be >= 1"),
+            ("logging.sample_every", lg.sample_every >= 0, "must be >= 0 (0 = never)"),
+            ("logging.sample_rows", lg.sample_rows >= 1, "must be >= 1"),
+            ("logging.peak_tflops", lg.peak_tflops > 0, "must be > 0"),
+        ]
+        if s.kind == "cosine" and s.total_steps is None:
+            checks.append(("schedule.warmup_steps", s.warmup_steps < r.max_steps,
+                           "must be smaller than run.max_steps for a cosine schedule"))
+        for key, ok, message in checks:
+            if not ok:
+                section, name = key.split(".")
+                raise ConfigError(f"{key} {message}; got {getattr(getattr(self, section), name)!r}")
+
+    def diff(self, other: "TrainConfig") -> List[str]:
+        """Dotted keys whose values differ between two configs (for resume warnings)."""
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{sec}.{key}" for sec in a for key in a[sec] if a[sec][key] != b[sec].get(key)]
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+def _suggest(name: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{hint}; valid: {', '.join(options)}"
+
+
+def _section(cfg: TrainConfig, name: str):
+    names = [f.name for f in dataclasses.fields(cfg)]
+    if name not in names:
+        raise ConfigError(f"unknown config section {name!r}{_suggest(name, names)}")
+    return getattr(cfg, name)
+
+
+def _field(sec, section: str, key: str):
+    names = [f.name for f in dataclasses.fields(sec)]
+    if key not in names:
+        raise ConfigError(f"unknown config key {section}.{key}{_suggest(key, names)}")
+    return key
+
+
+def _hint(sec, key: str):
+    return typing.get_type_hints(type(sec))[key]
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _parse_json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a bare word such as DiT-XL/2 is a string
+
+
+def _coerce(value: Any, hint: Any, key: str, from_text: bool) -> Any:
+    """Convert ``value`` (override text, or a JSON value) to the annotated type, or raise."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        inner = [a for a in args if a is not type(None)][0]
+        if value is None or (from_text and str(value).strip().lower() in ("none", "null")):
+            return None
+        return _coerce(value, inner, key, from_text)
+    bad = ConfigError(f"{key}: cannot use {value!r} as {getattr(hint, '__name__', hint)}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and str(value).strip().lower() in _TRUE + _FALSE:
+            return str(value).strip().lower() in _TRUE
+        raise bad
+    if hint is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if from_text:
+            try:
+                return int(str(value).strip())
+            except ValueError:
+                try:
+                    f = float(str(value).strip())
+                except ValueError:
+                    raise bad from None
+                if f.is_integer():
+                    return int(f)
+        raise bad
+    if hint is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if from_text:
+            try:
+                return float(str(value).strip())
+            except ValueError:
+                raise bad from None
+        raise bad
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if origin is tuple:
+        items = value
+        if from_text and isinstance(value, str):
+            text = value.strip()
+            items = _parse_json_value(text) if text.startswith("[") else [v for v in text.split(",")]
+        if not isinstance(items, (list, tuple)) or len(items) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, key, from_text) for v, a in zip(items, args))
+    if origin is dict or hint is dict:
+        if from_text and isinstance(value, str):
+            value = _parse_json_value(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a JSON object, got {value!r}")
+        return dict(value)
+    raise ConfigError(f"{key}: unsupported config type {hint}")  # pragma: no cover - schema bug

@@ -1,0 +1,86 @@
+import argparse
+import json
+
+import pytest
+
+from fastdit.training import ConfigError, TrainConfig
+from fastdit.training.cli import add_train_arguments, config_from_args
+
+
+def test_defaults_validate_and_round_trip_through_json():
+    cfg = TrainConfig()
+    cfg.validate()
+    again = TrainConfig.from_json_string(cfg.to_json())
+    assert again == cfg
+    assert isinstance(again.optim.betas, tuple) and isinstance(again.data.latent_shape, tuple)
+
+
+def test_file_then_overrides(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"run": {"max_steps": 50, "compile": True}, "optim": {"betas": [0.9, 0.95]},
+                                "model": {"name": "DiT-S/2", "options": {"depth": 4}}}))
+    cfg = TrainConfig.from_json(str(path), ["optim.lr=3e-4", "run.compile=false", "optim.betas=0.8,0.9",
+                                            "model.options.depth=12", "model.options.qk_norm=true",
+                                            "model.name=DiT-XL/2", "schedule.total_steps=null",
+                                            "data.latent_shape=[16, 64, 64]", "run.max_steps=2e3"])
+    assert cfg.run.max_steps == 2000 and cfg.run.compile is False
+    assert cfg.optim.lr == 3e-4 and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.model.name == "DiT-XL/2" and cfg.model.options == {"depth": 12, "qk_norm": True}
+    assert cfg.schedule.total_steps is None and cfg.data.latent_shape == (16, 64, 64)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optim.lrr=1"], "unknown config key optim.lrr (did you mean 'lr'?)"),
+    (["optimizer.lr=1"], "unknown config section 'optimizer'"),
+    (["optim.lr"], "not of the form section.key=value"),
+    (["lr=1"], "must be dotted"),
+    (["optim.lr=fast"], "optim.lr: cannot use 'fast' as float"),
+    (["optim.lr=-1"], "optim.lr must be a positive finite number"),
+    (["run.max_steps=1.5"], "run.max_steps: cannot use '1.5' as int"),
+    (["run.compile=maybe"], "run.compile: cannot use 'maybe' as bool"),
+    (["run.precision=fp16"], "run.precision must be one of bf16, fp32"),
+    (["optim.betas=0.9"], "optim.betas: expected 2 values"),
+    (["checkpoint.keep_last=0"], "checkpoint.keep_last must be >= 1"),
+    (["schedule.kind=cosine", "schedule.warmup_steps=5000", "run.max_steps=100"], "for a cosine schedule"),
+    (["run.max_steps.x=1"], "run.max_steps has no sub-keys"),
+])
+def test_bad_overrides_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_dict({}, overrides)
+    assert message in str(err.value)
+
+
+def test_bad_files_and_json_types(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        TrainConfig.from_json(str(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        TrainConfig.from_json(str(tmp_path / "bad.json"))
+    with pytest.raises(ConfigError, match="run.max_steps: cannot use '10' as int"):
+        TrainConfig.from_dict({"run": {"max_steps": "10"}})  # JSON values are not re-parsed from text
+    with pytest.raises(ConfigError, match="run.compile: cannot use 1 as bool"):
+        TrainConfig.from_dict({"run": {"compile": 1}})
+    with pytest.raises(ConfigError, match="expected an object"):
+        TrainConfig.from_dict({"run": 3})
+    with pytest.raises(ConfigError, match="unknown config key ema.decya"):
+        TrainConfig.from_dict({"ema": {"decya": 0.9}})
+
+
+def test_cli_helpers_build_the_config(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"run": {"max_steps": 7}}))
+    parser = add_train_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--config", str(tmp_path / "c.json"), "--output-dir", str(tmp_path / "run"),
+                              "--no-compile", "--set", "optim.lr=1e-3", "ema.enabled=false", "--max-steps", "9"])
+    cfg = config_from_args(args, parser)
+    assert cfg.run.max_steps == 9 and cfg.run.output_dir == str(tmp_path / "run") and cfg.run.compile is False
+    assert cfg.optim.lr == 1e-3 and cfg.ema.enabled is False
+    args = parser.parse_args(["--set", "optim.nope=1"])
+    with pytest.raises(SystemExit):
+        config_from_args(args, parser)
+    with pytest.raises(ConfigError):
+        config_from_args(args)
+
+
+def test_diff_lists_changed_keys():
+    a, b = TrainConfig(), TrainConfig.from_dict({}, ["optim.lr=1", "run.max_steps=5"])
+    assert sorted(a.diff(b)) == ["optim.lr", "run.max_steps"]
