@@ -1,14 +1,15 @@
 """The ``fastdit`` command: thin entry points that parse arguments and call the library.
 
     fastdit info     versions, device, and which implementation each op takes here
-    fastdit demo     placeholder main job: a small DiT-block stack trained for a few steps
+    fastdit demo     the main job: latent diffusion of scikit-learn's handwritten digits, with a report
+    fastdit train    train a DiT / MMDiT from a TrainConfig (works under torchrun; fastdit train --help)
+    fastdit sample   class-conditional sample grid (PNG + .npz) from a checkpoint (fastdit sample --help)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import time
 from typing import List, Optional
 
 import torch
@@ -74,44 +75,25 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Placeholder until the digits demo lands: trains a small stack of DiT blocks to denoise
-    class-dependent token patterns, forward and backward through fastdit's modules."""
-    from fastdit.modules import DiTBlock
+    """The main job: latent diffusion of scikit-learn's handwritten digits (see fastdit.demos.digits)."""
+    from fastdit.demos.digits import DigitsDemoConfig, run, summary_lines
 
-    device = _device(args.device)
-    torch.manual_seed(args.seed)
-    dim, heads, tokens, classes = args.dim, args.heads, 16, 10
-    blocks = torch.nn.ModuleList([DiTBlock(dim, heads) for _ in range(args.depth)]).to(device)
-    label_embed = torch.nn.Embedding(classes, dim).to(device)
-    head = torch.nn.Linear(dim, dim).to(device)
-    params = list(blocks.parameters()) + list(label_embed.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr)
-    prototypes = torch.randn(classes, tokens, dim, device=device)  # what each class "looks like"
-    print(f"fastdit demo (placeholder): {args.depth} DiT blocks, dim {dim}, {heads} heads, "
-          f"device {device}, backend {args.backend or get_backend()}, paths {op_paths(device)}")
-    losses: List[float] = []
-    start = time.perf_counter()
-    with use_backend(args.backend or get_backend()):
-        for step in range(1, args.steps + 1):
-            labels = torch.randint(0, classes, (args.batch,), device=device)
-            clean = prototypes[labels]
-            noisy = clean + torch.randn_like(clean)
-            h, c = noisy, label_embed(labels)
-            for block in blocks:
-                h = block(h, c)
-            loss = torch.nn.functional.mse_loss(head(h), clean)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            if step == 1 or step % max(1, args.steps // 10) == 0 or step == args.steps:
-                print(f"  step {step:4d}/{args.steps}  loss {loss.item():.4f}", flush=True)
-    elapsed = time.perf_counter() - start
-    print(f"done: {args.steps} steps in {elapsed:.1f}s ({args.steps * args.batch / elapsed:.0f} samples/s); "
-          f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    if not losses[-1] < losses[0]:
-        print("fastdit demo: the loss did not go down", file=sys.stderr)
-        return 1
+    cfg = DigitsDemoConfig(out_dir=args.out, mode=args.mode, seed=args.seed, device=args.device,
+                           cfg_scale=args.cfg_scale, progress=not args.no_progress)
+    if args.quick:
+        cfg = cfg.quick()
+    for name in ("ae_steps", "dit_steps", "samples_per_class", "sample_steps"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 1:
+                raise SystemExit(f"fastdit demo: --{name.replace('_', '-')} must be at least 1")
+            setattr(cfg, name, value)
+    try:
+        with use_backend(args.backend or get_backend()):
+            report = run(cfg)
+    except (ValueError, RuntimeError) as err:
+        raise SystemExit(f"fastdit demo: {err}") from None
+    print("\n".join(summary_lines(report)))
     return 0
 
 
@@ -125,25 +107,50 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
     info.set_defaults(func=cmd_info)
 
-    demo = sub.add_parser("demo", help="placeholder main job: train a few DiT blocks for a few steps")
-    demo.add_argument("--steps", type=int, default=60)
-    demo.add_argument("--batch", type=int, default=32)
-    demo.add_argument("--depth", type=int, default=2)
-    demo.add_argument("--dim", type=int, default=128)
-    demo.add_argument("--heads", type=int, default=2)
-    demo.add_argument("--lr", type=float, default=1e-3)
+    demo = sub.add_parser("demo", help="main job: latent diffusion of the digits scikit-learn ships "
+                                       "(AE + DiT, CFG samples, report)")
+    demo.add_argument("--out", default="fastdit-demo", help="output folder (default fastdit-demo)")
+    demo.add_argument("--mode", choices=("class", "captions"), default="class",
+                      help="class: DiT on labels; captions: MMDiT on captions (needs fastdit[captions])")
+    demo.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    demo.add_argument("--ae-steps", type=int, default=None, help="autoencoder training steps (default 800)")
+    demo.add_argument("--dit-steps", type=int, default=None, help="denoiser training steps (default 2000)")
+    demo.add_argument("--samples-per-class", type=int, default=None, help="default 20")
+    demo.add_argument("--sample-steps", type=int, default=None, help="Euler steps (default 40)")
+    demo.add_argument("--quick", action="store_true", help="a few seconds' smoke run (figures mean little)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
+    demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     demo.add_argument("--backend", choices=BACKENDS, default=None, help="default: FASTDIT_BACKEND or auto")
     demo.set_defaults(func=cmd_demo)
+    _add_entry_commands(sub)
     return parser
 
 
+# `train` and `sample` own their arguments (fastdit.training.entry): main() hands them the rest of argv
+# before this parser sees it; the subparsers here only list them in `fastdit --help`.
+ENTRY_COMMANDS = {"train": "main_train", "sample": "main_sample"}
+
+
+def _add_entry_commands(sub) -> None:
+    helps = {"train": "train a DiT / MMDiT from a config (fastdit train --help)",
+             "sample": "sample grid (PNG + .npz) from a checkpoint (fastdit sample --help)"}
+    for name in ENTRY_COMMANDS:
+        cmd = sub.add_parser(name, help=helps[name], add_help=False)
+        cmd.add_argument("argv", nargs=argparse.REMAINDER)
+        cmd.set_defaults(func=lambda args, _name=name: _run_entry(_name, args.argv))
+
+
+def _run_entry(name: str, argv: List[str]) -> int:
+    from fastdit.training import entry
+    return getattr(entry, ENTRY_COMMANDS[name])(argv, prog=f"fastdit {name}")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ENTRY_COMMANDS:
+        return _run_entry(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
-    for name in ("steps", "batch", "depth", "dim", "heads"):
-        if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
-            raise SystemExit(f"fastdit: --{name} must be at least 1")
     return args.func(args)
 
 

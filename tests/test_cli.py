@@ -1,14 +1,25 @@
 import json
 
+import numpy as np
 import pytest
 
 from fastdit.cli import main
 
 
-def test_demo_trains_and_the_loss_goes_down(capsys):
-    assert main(["demo", "--steps", "12", "--batch", "8", "--dim", "64", "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
-    assert "step   12/12" in out and "done: 12 steps" in out
+def test_demo_quick_run_writes_the_grid_samples_and_report(tmp_path, capsys):
+    out_dir = tmp_path / "demo"
+    assert main(["demo", "--quick", "--no-progress", "--device", "cpu", "--out", str(out_dir)]) == 0
+    assert "samples classified as the requested digit" in capsys.readouterr().out
+    report = json.loads((out_dir / "report.json").read_text())
+    assert 0.0 <= report["samples_classified_as_requested"] <= 1.0
+    assert report["classifier_held_out_accuracy"] > 0.9  # an SVC on real digits: a sanity check of the split
+    assert (out_dir / "samples.png").stat().st_size > 0
+    with np.load(out_dir / "samples.npz") as saved:
+        assert saved["images"].shape == (30, 1, 16, 16)
+        assert saved["labels"].tolist() == [c for c in range(10) for _ in range(3)]
+    # both stages checkpointed: a second run resumes at the last step instead of training again
+    assert (out_dir / "autoencoder" / "checkpoints" / "latest").exists()
+    assert (out_dir / "denoiser" / "checkpoints" / "latest").exists()
 
 
 def test_info_reports_versions_and_op_paths(capsys):
@@ -21,7 +32,8 @@ def test_info_reports_versions_and_op_paths(capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["demo", "--steps", "0"], "--steps must be at least 1"),
+    (["demo", "--dit-steps", "0"], "--dit-steps must be at least 1"),
+    (["demo", "--mode", "pixels"], "invalid choice"),
     (["demo", "--backend", "fast"], "invalid choice"),
     (["frobnicate"], "invalid choice"),
 ])

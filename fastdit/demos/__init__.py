@@ -1,0 +1,1 @@
+"""End-to-end jobs on embedded data (no downloads): ``fastdit demo`` runs :mod:`fastdit.demos.digits`."""
