@@ -6,8 +6,7 @@ from typing import Optional, Tuple
 from torch import Tensor, nn
 
 from fastdit.modules.norms import RMSNorm
-from fastdit.ops.attention import joint_attention
-from fastdit.ops.qk_norm_rotary import qk_norm_rope
+from fastdit.ops.attention import joint_attention_qk
 
 
 class JointAttention(nn.Module):
@@ -46,16 +45,14 @@ class JointAttention(nn.Module):
                 self.txt_q_norm = RMSNorm(self.head_dim, eps, backend)
                 self.txt_k_norm = RMSNorm(self.head_dim, eps, backend)
 
-    def _qkv(self, x: Tensor, qkv: nn.Linear, q_norm: Optional[RMSNorm], k_norm: Optional[RMSNorm],
-             freqs: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    def _qkv(self, x: Tensor, qkv: nn.Linear) -> Tuple[Tensor, Tensor, Tensor]:
         B, N, _ = x.shape
         # Feature order of the projection is (3, heads, head_dim), as in DiT/timm and Flux.
-        q, k, v = qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # (B, N, H, d) views
-        if q_norm is not None or freqs is not None:  # QK-norm and RoPE of q and k: one fused op
-            q, k = qk_norm_rope(q, k, None if q_norm is None else q_norm.weight,
-                                None if k_norm is None else k_norm.weight, freqs,
-                                self.eps, self.rope_interleaved, backend=self.backend)
-        return q, k, v
+        return qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # (B, N, H, d) views
+
+    @staticmethod
+    def _weight(norm: Optional[RMSNorm]) -> Optional[Tensor]:
+        return None if norm is None else norm.weight
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None, txt_mask: Optional[Tensor] = None,
                 img_freqs: Optional[Tensor] = None, txt_freqs: Optional[Tensor] = None
@@ -65,15 +62,22 @@ class JointAttention(nn.Module):
         if context is not None and not self.joint:
             raise ValueError("JointAttention: context given, but the module was built with joint=False "
                              "(no text-stream weights)")
-        q, k, v = self._qkv(x, self.qkv, getattr(self, "q_norm", None), getattr(self, "k_norm", None), img_freqs)
+        q, k, v = self._qkv(x, self.qkv)
         qt = kt = vt = None
         if context is not None:
             if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != self.dim:
                 raise ValueError(f"JointAttention: context must be (B, N_txt, {self.dim}) with B = {x.shape[0]}, "
                                  f"got {tuple(context.shape)}")
-            qt, kt, vt = self._qkv(context, self.txt_qkv, getattr(self, "txt_q_norm", None),
-                                   getattr(self, "txt_k_norm", None), txt_freqs)
-        o_img, o_txt = joint_attention(q, k, v, qt, kt, vt, txt_mask, backend=self.backend)
+            qt, kt, vt = self._qkv(context, self.txt_qkv)
+        # QK-norm and RoPE of both streams and the joint attention: one op (fused into the attention
+        # kernel on the fast path; qk_norm_rope then SDPA on the reference path)
+        o_img, o_txt = joint_attention_qk(
+            q, k, v, qt, kt, vt, txt_mask, q_weight=self._weight(getattr(self, "q_norm", None)),
+            k_weight=self._weight(getattr(self, "k_norm", None)),
+            txt_q_weight=self._weight(getattr(self, "txt_q_norm", None)) if qt is not None else None,
+            txt_k_weight=self._weight(getattr(self, "txt_k_norm", None)) if qt is not None else None,
+            img_freqs=img_freqs, txt_freqs=txt_freqs if qt is not None else None, eps=self.eps,
+            interleaved=self.rope_interleaved, backend=self.backend)
         x_out = self.proj(o_img.reshape(x.shape))
         c_out = None if o_txt is None else self.txt_proj(o_txt.reshape(context.shape))
         return x_out, c_out

@@ -18,21 +18,24 @@ with no real caption tokens attends over its image tokens only.
 - :func:`joint_attention_ref`: explicit ``softmax(Q Kᵀ · scale) V`` in float32 — the ground truth;
 - :func:`joint_attention_sdpa`: PyTorch SDPA on the concatenation — the ``"reference"`` backend
   (same math, O(N) memory, what stock PyTorch code runs);
-- ``torch.ops.fastdit.joint_attention``: the library op (Triton kernel once it lands).
+- ``torch.ops.fastdit.joint_attention``: the library op (the Triton flash-attention kernel of
+  ``kernels/attention.py`` where it can run, else the reference math);
+- :func:`joint_attention_qk` adds per-stream QK RMSNorm and RoPE, fused into the kernel's loads.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fastdit.ops._common import (check, check_floating, check_same_device, compute_dtype, join_reasons,
-                                 owned_outputs, shape_str, triton_device_reason, use_triton)
+                                 kernel_can_run, needs_grad, owned_outputs, shape_str, triton_device_reason,
+                                 use_triton)
 
-KERNEL_READY = False  # see fastdit.ops.adaln.KERNEL_READY
+KERNEL_READY = True  # see fastdit.ops.adaln.KERNEL_READY
 TRITON_HEAD_DIMS = (64, 72, 80, 96, 128)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _OP = "joint_attention"
@@ -93,7 +96,9 @@ def _key_mask(txt_mask: Tensor, B: int, N_txt: int) -> Tensor:
           f"txt_mask must be bool (B, N_txt) or integer lengths (B,), got dtype {txt_mask.dtype}")
     check(tuple(txt_mask.shape) == (B,), _OP,
           f"integer txt_mask holds caption lengths and must be (B,) = ({B},), got {shape_str(txt_mask)}")
-    if not torch.compiler.is_compiling():  # a data-dependent check: skipped under torch.compile
+    # a data-dependent check: on CPU only (on CUDA it would cost a host sync per call; lengths outside
+    # [0, N_txt] then act as 0 or N_txt) and not under torch.compile
+    if txt_mask.device.type == "cpu" and not torch.compiler.is_compiling():
         check(bool(((txt_mask >= 0) & (txt_mask <= N_txt)).all()), _OP,
               f"caption lengths must lie in [0, {N_txt}], got {txt_mask.tolist()}")
     return torch.arange(N_txt, device=txt_mask.device) < txt_mask.unsqueeze(1)
@@ -185,29 +190,126 @@ def joint_attention_sdpa(q_img: Tensor, k_img: Tensor, v_img: Tensor, q_txt: Opt
     return _sdpa_canonical(*tensors, mask, scale, layout)
 
 
-# -------------------------------------------------------------------------------- torch.library op
-# Inputs (B, N, H, d) with any strides; text tensors always present (N_txt may be 0); outputs
-# contiguous (B, N, H, d) and the log-sum-exp (B, H, N_txt + N_img) for the backward.
+# ------------------------------------------------------------------- fused QK-norm / RoPE + attention
+# Implementations shared by the two library ops: the Triton kernel (kernels/attention.py) when it can run
+# these tensors, else the reference math. Canonical inputs: (B, N, H, d) with any strides, the text stream
+# always present (N_txt may be 0), bool key mask (B, N_txt) or None.
+
+def _prep_stream(q, k, q_weight, k_weight, freqs, eps, interleaved):
+    """Reference QK-norm + RoPE of one stream (what the fused kernel applies on load)."""
+    if q.shape[1] == 0 or (q_weight is None and freqs is None):
+        return q, k
+    from fastdit.ops import qk_norm_rotary
+    q, k, _, _ = qk_norm_rotary._forward_math(q, k, q_weight, k_weight, freqs, eps, interleaved)
+    return q, k
+
+
+def _fused_math(qi, ki, vi, qt, kt, vt, mask, scale, img_freqs, txt_freqs, qwi, kwi, qwt, kwt, eps, interleaved):
+    qi, ki = _prep_stream(qi, ki, qwi, kwi, img_freqs, eps, interleaved)
+    qt, kt = _prep_stream(qt, kt, qwt, kwt, txt_freqs, eps, interleaved)
+    B, N_img = qi.shape[:2]
+    N_txt = qt.shape[1]
+    out, lse = _attention_forward_math(torch.cat([qt, qi], 1), torch.cat([kt, ki], 1), torch.cat([vt, vi], 1),
+                                       _full_key_mask(mask, B, N_img, qi.device), scale)
+    out = out.to(vi.dtype)
+    return out[:, N_txt:], out[:, :N_txt], lse
+
+
+def _kernel_takes(tensors, tables) -> bool:
+    # Triton's CPU interpreter computes tl.dot on bfloat16 wrongly: there bf16 takes the reference math
+    interpreted_bf16 = tensors[0].device.type != "cuda" and any(
+        t is not None and t.dtype == torch.bfloat16 for t in tensors)
+    return (kernel_can_run(*tensors) and not interpreted_bf16
+            and all(t is None or t.dtype == torch.float32 for t in tables))
+
+
+def _streams(qi, ki, vi, qt, kt, vt, mask, img_freqs, txt_freqs, qwi, kwi, qwt, kwt):
+    from fastdit.kernels.attention import Stream
+    mask8 = None if mask is None else mask.to(torch.int8).contiguous()
+    return Stream(qt, kt, vt, qwt, kwt, txt_freqs, mask8), Stream(qi, ki, vi, qwi, kwi, img_freqs)
+
+
+def _fused_forward_impl(qi, ki, vi, qt, kt, vt, mask, scale, img_freqs, txt_freqs, qwi, kwi, qwt, kwt, eps,
+                        interleaved):
+    """Returns (o_img, o_txt, lse (B, H, N_txt + N_img) fp32)."""
+    if _kernel_takes((qi, ki, vi, qt, kt, vt, qwi, kwi, qwt, kwt), (img_freqs, txt_freqs)):
+        from fastdit.kernels.attention import attention_fwd
+        txt, img = _streams(qi, ki, vi, qt, kt, vt, mask, img_freqs, txt_freqs, qwi, kwi, qwt, kwt)
+        return attention_fwd(txt, img, scale, eps, interleaved)
+    o_img, o_txt, lse = _fused_math(qi, ki, vi, qt, kt, vt, mask, scale, img_freqs, txt_freqs, qwi, kwi, qwt, kwt,
+                                    eps, interleaved)
+    return o_img.contiguous(), o_txt.contiguous(), lse.float()
+
+
+def _fused_backward_impl(do_img, do_txt, qi, ki, vi, qt, kt, vt, o_img, o_txt, lse, mask, scale, img_freqs,
+                         txt_freqs, qwi, kwi, qwt, kwt, eps, interleaved):
+    """Returns (dq_img, dk_img, dv_img, dq_txt, dk_txt, dv_txt, dq_w_img, dk_w_img, dq_w_txt, dk_w_txt); a
+    weight's gradient is None where it is absent. The six main gradients may come back in the compute dtype:
+    callers cast."""
+    weights = (qwi, kwi, qwt, kwt)
+    if _kernel_takes((do_img, do_txt, qi, ki, vi, qt, kt, vt) + weights, (img_freqs, txt_freqs)):
+        from fastdit.kernels.attention import attention_bwd
+        txt, img = _streams(qi, ki, vi, qt, kt, vt, mask, img_freqs, txt_freqs, qwi, kwi, qwt, kwt)
+        g = attention_bwd(do_img, do_txt, txt, img, o_img, o_txt, lse, scale, eps, interleaved)
+        wgrads = [None if w is None else g[key].to(w.dtype)
+                  for w, key in zip(weights, ("dq_weight_img", "dk_weight_img", "dq_weight_txt", "dk_weight_txt"))]
+        return (g["dq_img"], g["dk_img"], g["dv_img"], g["dq_txt"], g["dk_txt"], g["dv_txt"], *wgrads)
+    # reference math (the O(N²) path for float64 and what the interpreter cannot run): recompute the
+    # normalised, rotated q and k, take the attention backward, then the QK-norm / RoPE backward
+    from fastdit.ops import qk_norm_rotary
+    B, N_img = qi.shape[:2]
+    N_txt = qt.shape[1]
+    prepped = []
+    for q, k, qw, kw, freqs in ((qi, ki, qwi, kwi, img_freqs), (qt, kt, qwt, kwt, txt_freqs)):
+        fused = q.shape[1] > 0 and (qw is not None or freqs is not None)
+        prepped.append(qk_norm_rotary._forward_math(q, k, qw, kw, freqs, eps, interleaved) if fused else None)
+    (qhi, khi), (qht, kht) = [(p[0], p[1]) if p is not None else (q, k)
+                              for p, q, k in zip(prepped, (qi, qt), (ki, kt))]
+    dq, dk, dv = _attention_backward_math(torch.cat([do_txt, do_img], 1), torch.cat([qht, qhi], 1),
+                                          torch.cat([kht, khi], 1), torch.cat([vt, vi], 1),
+                                          torch.cat([o_txt, o_img], 1), lse.to(compute_dtype(qi)),
+                                          _full_key_mask(mask, B, N_img, qi.device), scale)
+    out = {"img": [dq[:, N_txt:], dk[:, N_txt:], None, None], "txt": [dq[:, :N_txt], dk[:, :N_txt], None, None]}
+    for name, p, q, k, qw, kw, freqs in (("img", prepped[0], qi, ki, qwi, kwi, img_freqs),
+                                         ("txt", prepped[1], qt, kt, qwt, kwt, txt_freqs)):
+        if p is not None:
+            g = qk_norm_rotary._backward_math(out[name][0], out[name][1], q, k, qw, kw, freqs, p[2], p[3],
+                                              interleaved)
+            out[name] = [g[0], g[1], None if qw is None else g[2], None if kw is None else g[3]]
+        elif q.shape[1] == 0:  # an empty stream's weights get zero gradients
+            out[name][2:] = [None if w is None else torch.zeros_like(w) for w in (qw, kw)]
+    return (out["img"][0], out["img"][1], dv[:, N_txt:], out["txt"][0], out["txt"][1], dv[:, :N_txt],
+            out["img"][2], out["img"][3], out["txt"][2], out["txt"][3])
+
+
+# -------------------------------------------------------------------------------- torch.library ops
+# fastdit::joint_attention (plain) and fastdit::joint_attention_qk (QK-norm / RoPE fused on load). Outputs
+# contiguous (B, N, H, d) and the log-sum-exp (B, H, N_txt + N_img) for the backward. Library ops cannot
+# return None: absent weight gradients come back as empty tensors.
+
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return like.new_empty((0,), dtype=torch.float32) if t is None else t
+
 
 @torch.library.custom_op("fastdit::joint_attention", mutates_args=())
 def _joint_attention_op(q_img: Tensor, k_img: Tensor, v_img: Tensor, q_txt: Tensor, k_txt: Tensor, v_txt: Tensor,
                         txt_mask: Optional[Tensor], scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    B, N_img = q_img.shape[:2]
-    N_txt = q_txt.shape[1]
-    out, lse = _attention_forward_math(torch.cat([q_txt, q_img], 1), torch.cat([k_txt, k_img], 1),
-                                       torch.cat([v_txt, v_img], 1),
-                                       _full_key_mask(txt_mask, B, N_img, q_img.device), scale)
-    out = out.to(q_img.dtype)
-    return owned_outputs((out[:, N_txt:], out[:, :N_txt], lse), (q_img, k_img, v_img, q_txt, k_txt, v_txt))
+    out = _fused_forward_impl(q_img, k_img, v_img, q_txt, k_txt, v_txt, txt_mask, scale, None, None, None, None,
+                              None, None, 1e-6, True)
+    return owned_outputs(out, (q_img, k_img, v_img, q_txt, k_txt, v_txt))
 
 
-@_joint_attention_op.register_fake
-def _(q_img, k_img, v_img, q_txt, k_txt, v_txt, txt_mask, scale):
+def _fake_forward(q_img, q_txt):
     B, N_img, H, _ = q_img.shape
     N = N_img + q_txt.shape[1]
     return (torch.empty_like(q_img, memory_format=torch.contiguous_format),
             torch.empty_like(q_txt, memory_format=torch.contiguous_format),
-            q_img.new_empty((B, H, N), dtype=compute_dtype(q_img)))
+            q_img.new_empty((B, H, N), dtype=torch.float32))
+
+
+@_joint_attention_op.register_fake
+def _(q_img, k_img, v_img, q_txt, k_txt, v_txt, txt_mask, scale):
+    return _fake_forward(q_img, q_txt)
 
 
 @torch.library.custom_op("fastdit::joint_attention_backward", mutates_args=())
@@ -215,14 +317,9 @@ def _joint_attention_backward_op(do_img: Tensor, do_txt: Tensor, q_img: Tensor, 
                                  q_txt: Tensor, k_txt: Tensor, v_txt: Tensor, o_img: Tensor, o_txt: Tensor,
                                  lse: Tensor, txt_mask: Optional[Tensor], scale: float
                                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    B, N_img = q_img.shape[:2]
-    N_txt = q_txt.shape[1]
-    cat = lambda txt, img: torch.cat([txt, img], 1)  # noqa: E731
-    dq, dk, dv = _attention_backward_math(cat(do_txt, do_img), cat(q_txt, q_img), cat(k_txt, k_img),
-                                          cat(v_txt, v_img), cat(o_txt, o_img), lse,
-                                          _full_key_mask(txt_mask, B, N_img, q_img.device), scale)
-    dq, dk, dv = (g.to(q_img.dtype) for g in (dq, dk, dv))
-    grads = (dq[:, N_txt:], dk[:, N_txt:], dv[:, N_txt:], dq[:, :N_txt], dk[:, :N_txt], dv[:, :N_txt])
+    grads = _fused_backward_impl(do_img, do_txt, q_img, k_img, v_img, q_txt, k_txt, v_txt, o_img, o_txt, lse,
+                                 txt_mask, scale, None, None, None, None, None, None, 1e-6, True)[:6]
+    grads = tuple(g.to(t.dtype) for g, t in zip(grads, (q_img, k_img, v_img, q_txt, k_txt, v_txt)))
     return owned_outputs(grads, (do_img, do_txt, q_img, k_img, v_img, q_txt, k_txt, v_txt, o_img, o_txt, lse))
 
 
@@ -251,6 +348,96 @@ def _backward(ctx, do_img, do_txt, _dlse):
 _joint_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("fastdit::joint_attention_qk", mutates_args=())
+def _joint_attention_qk_op(q_img: Tensor, k_img: Tensor, v_img: Tensor, q_txt: Tensor, k_txt: Tensor,
+                           v_txt: Tensor, txt_mask: Optional[Tensor], img_freqs: Optional[Tensor],
+                           txt_freqs: Optional[Tensor], q_weight: Optional[Tensor], k_weight: Optional[Tensor],
+                           txt_q_weight: Optional[Tensor], txt_k_weight: Optional[Tensor], scale: float, eps: float,
+                           interleaved: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    out = _fused_forward_impl(q_img, k_img, v_img, q_txt, k_txt, v_txt, txt_mask, scale, img_freqs, txt_freqs,
+                              q_weight, k_weight, txt_q_weight, txt_k_weight, eps, interleaved)
+    return owned_outputs(out, (q_img, k_img, v_img, q_txt, k_txt, v_txt))
+
+
+@_joint_attention_qk_op.register_fake
+def _(q_img, k_img, v_img, q_txt, k_txt, v_txt, txt_mask, img_freqs, txt_freqs, q_weight, k_weight, txt_q_weight,
+      txt_k_weight, scale, eps, interleaved):
+    return _fake_forward(q_img, q_txt)
+
+
+@torch.library.custom_op("fastdit::joint_attention_qk_backward", mutates_args=())
+def _joint_attention_qk_backward_op(do_img: Tensor, do_txt: Tensor, q_img: Tensor, k_img: Tensor, v_img: Tensor,
+                                    q_txt: Tensor, k_txt: Tensor, v_txt: Tensor, o_img: Tensor, o_txt: Tensor,
+                                    lse: Tensor, txt_mask: Optional[Tensor], img_freqs: Optional[Tensor],
+                                    txt_freqs: Optional[Tensor], q_weight: Optional[Tensor],
+                                    k_weight: Optional[Tensor], txt_q_weight: Optional[Tensor],
+                                    txt_k_weight: Optional[Tensor], scale: float, eps: float, interleaved: bool
+                                    ) -> List[Tensor]:
+    grads = _fused_backward_impl(do_img, do_txt, q_img, k_img, v_img, q_txt, k_txt, v_txt, o_img, o_txt, lse,
+                                 txt_mask, scale, img_freqs, txt_freqs, q_weight, k_weight, txt_q_weight,
+                                 txt_k_weight, eps, interleaved)
+    tensors = (q_img, k_img, v_img, q_txt, k_txt, v_txt)
+    main = [g.to(t.dtype) for g, t in zip(grads[:6], tensors)]
+    weights = [_or_empty(g, q_img) for g in grads[6:]]
+    return list(owned_outputs(main + weights, (do_img, do_txt) + tensors + (o_img, o_txt, lse)))
+
+
+@_joint_attention_qk_backward_op.register_fake
+def _(do_img, do_txt, q_img, k_img, v_img, q_txt, k_txt, v_txt, o_img, o_txt, lse, txt_mask, img_freqs, txt_freqs,
+      q_weight, k_weight, txt_q_weight, txt_k_weight, scale, eps, interleaved):
+    main = [torch.empty_like(t, memory_format=torch.contiguous_format)
+            for t in (q_img, k_img, v_img, q_txt, k_txt, v_txt)]
+    return main + [torch.empty_like(w) if w is not None else q_img.new_empty((0,), dtype=torch.float32)
+                   for w in (q_weight, k_weight, txt_q_weight, txt_k_weight)]
+
+
+def _setup_context_qk(ctx, inputs, output):
+    (q_img, k_img, v_img, q_txt, k_txt, v_txt, txt_mask, img_freqs, txt_freqs, q_weight, k_weight, txt_q_weight,
+     txt_k_weight, scale, eps, interleaved) = inputs
+    o_img, o_txt, lse = output
+    ctx.save_for_backward(q_img, k_img, v_img, q_txt, k_txt, v_txt, o_img, o_txt, lse, txt_mask, img_freqs,
+                          txt_freqs, q_weight, k_weight, txt_q_weight, txt_k_weight)
+    ctx.scale, ctx.eps, ctx.interleaved = scale, eps, interleaved
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_qk(ctx, do_img, do_txt, _dlse):
+    saved = ctx.saved_tensors
+    grads = torch.ops.fastdit.joint_attention_qk_backward(do_img.contiguous(), do_txt.contiguous(), *saved,
+                                                          ctx.scale, ctx.eps, ctx.interleaved)
+    weights = saved[12:]
+    wgrads = [None if w is None else g for g, w in zip(grads[6:], weights)]
+    return (*grads[:6], None, None, None, *wgrads, None, None, None)
+
+
+_joint_attention_qk_op.register_autograd(_backward_qk, setup_context=_setup_context_qk)
+
+
+class _JointAttentionFunction(torch.autograd.Function):
+    """Eager fast path (see fastdit.ops.adaln._AdaLNFunction): the same implementations as the library ops
+    without their Python-level autograd overhead."""
+
+    @staticmethod
+    def forward(ctx, qi, ki, vi, qt, kt, vt, mask, img_freqs, txt_freqs, qwi, kwi, qwt, kwt, scale, eps,
+                interleaved):
+        o_img, o_txt, lse = _fused_forward_impl(qi, ki, vi, qt, kt, vt, mask, scale, img_freqs, txt_freqs, qwi,
+                                                kwi, qwt, kwt, eps, interleaved)
+        ctx.save_for_backward(qi, ki, vi, qt, kt, vt, o_img, o_txt, lse, mask, img_freqs, txt_freqs, qwi, kwi, qwt,
+                              kwt)
+        ctx.scale, ctx.eps, ctx.interleaved = scale, eps, interleaved
+        ctx.mark_non_differentiable(lse)
+        return o_img, o_txt
+
+    @staticmethod
+    def backward(ctx, do_img, do_txt):
+        qi, ki, vi, qt, kt, vt, o_img, o_txt, lse, mask, img_freqs, txt_freqs, qwi, kwi, qwt, kwt = ctx.saved_tensors
+        grads = _fused_backward_impl(do_img.contiguous(), do_txt.contiguous(), qi, ki, vi, qt, kt, vt, o_img,
+                                     o_txt, lse, mask, ctx.scale, img_freqs, txt_freqs, qwi, kwi, qwt, kwt, ctx.eps,
+                                     ctx.interleaved)
+        main = [g.to(t.dtype) for g, t in zip(grads[:6], (qi, ki, vi, qt, kt, vt))]
+        return (*main, None, None, None, *grads[6:], None, None, None)
+
+
 def triton_unsupported_reason(q_img: Tensor) -> Optional[str]:
     """Why the Triton kernel cannot take these (validated, (B, N, H, d)) inputs, or None."""
     return join_reasons(
@@ -261,22 +448,92 @@ def triton_unsupported_reason(q_img: Tensor) -> Optional[str]:
         f"(supported: {', '.join(map(str, TRITON_HEAD_DIMS))})" if q_img.shape[-1] not in TRITON_HEAD_DIMS else None)
 
 
+def _fast_call(qi, ki, vi, qt, kt, vt, mask, img_freqs, txt_freqs, qwi, kwi, qwt, kwt, scale, eps, interleaved,
+               layout) -> Pair:
+    has_txt = qt is not None
+    if not has_txt:  # self-attention: an empty text stream keeps one signature
+        qt = kt = vt = qi.new_empty((qi.shape[0], 0) + tuple(qi.shape[2:]))
+    plain = img_freqs is None and txt_freqs is None and all(w is None for w in (qwi, kwi, qwt, kwt))
+    if torch.compiler.is_compiling():
+        if plain:
+            o_img, o_txt, _ = torch.ops.fastdit.joint_attention(qi, ki, vi, qt, kt, vt, mask, scale)
+        else:
+            o_img, o_txt, _ = torch.ops.fastdit.joint_attention_qk(qi, ki, vi, qt, kt, vt, mask, img_freqs, txt_freqs,
+                                                                   qwi, kwi, qwt, kwt, scale, eps, interleaved)
+    elif needs_grad(qi, ki, vi, qt, kt, vt, qwi, kwi, qwt, kwt):
+        o_img, o_txt = _JointAttentionFunction.apply(qi, ki, vi, qt, kt, vt, mask, img_freqs, txt_freqs, qwi, kwi,
+                                                     qwt, kwt, scale, eps, interleaved)
+    else:
+        o_img, o_txt, _ = _fused_forward_impl(qi, ki, vi, qt, kt, vt, mask, scale, img_freqs, txt_freqs, qwi, kwi,
+                                              qwt, kwt, eps, interleaved)
+    if layout == "bhnd":
+        o_img, o_txt = o_img.transpose(1, 2), o_txt.transpose(1, 2)
+    return o_img, (o_txt if has_txt else None)
+
+
 def joint_attention(q_img: Tensor, k_img: Tensor, v_img: Tensor, q_txt: Optional[Tensor] = None,
                     k_txt: Optional[Tensor] = None, v_txt: Optional[Tensor] = None,
                     txt_mask: Optional[Tensor] = None, *, scale: Optional[float] = None,
                     layout: str = "bnhd", backend: Optional[str] = None) -> Pair:
     """Joint attention over [text, image]; returns ``(out_img, out_txt)`` (see the module docstring).
 
-    ``backend``: ``"triton"`` runs the library op, ``"reference"`` PyTorch SDPA, ``"auto"`` picks.
+    ``backend``: ``"triton"`` runs fastdit's flash-attention kernel, ``"reference"`` PyTorch SDPA, ``"auto"``
+    the kernel on CUDA where it supports the inputs.
     """
     (qi, ki, vi, qt, kt, vt), mask, scale_value = _check_and_canonicalize(
         q_img, k_img, v_img, q_txt, k_txt, v_txt, txt_mask, scale, layout)
     if use_triton(_OP, backend, lambda: triton_unsupported_reason(qi), KERNEL_READY and qi.is_cuda):
-        has_txt = qt is not None
-        if not has_txt:  # self-attention: an empty text stream keeps one op signature
-            qt = kt = vt = qi.new_empty((qi.shape[0], 0) + tuple(qi.shape[2:]))
-        o_img, o_txt, _ = torch.ops.fastdit.joint_attention(qi, ki, vi, qt, kt, vt, mask, scale_value)
-        if layout == "bhnd":
-            o_img, o_txt = o_img.transpose(1, 2), o_txt.transpose(1, 2)
-        return o_img, (o_txt if has_txt else None)
+        return _fast_call(qi, ki, vi, qt, kt, vt, mask, None, None, None, None, None, None, scale_value, 1e-6, True,
+                          layout)
+    return _sdpa_canonical(qi, ki, vi, qt, kt, vt, mask, scale_value, layout)
+
+
+def _check_qk_extras(qi, qt, q_weight, k_weight, txt_q_weight, txt_k_weight, img_freqs, txt_freqs):
+    d = qi.shape[-1]
+    check((q_weight is None) == (k_weight is None), _OP, "give both q_weight and k_weight, or neither")
+    check((txt_q_weight is None) == (txt_k_weight is None), _OP,
+          "give both txt_q_weight and txt_k_weight, or neither")
+    check(qt is not None or (txt_q_weight is None and txt_freqs is None), _OP,
+          "txt_q_weight / txt_freqs given without a text stream")
+    for name, w in (("q_weight", q_weight), ("k_weight", k_weight), ("txt_q_weight", txt_q_weight),
+                    ("txt_k_weight", txt_k_weight)):
+        if w is not None:
+            check(tuple(w.shape) == (d,), _OP, f"{name} must be (head_dim,) = ({d},), got {shape_str(w)}")
+            check(w.device == qi.device, _OP, f"{name} is on {w.device}, q_img on {qi.device}")
+    for name, f, x in (("img_freqs", img_freqs, qi), ("txt_freqs", txt_freqs, qt)):
+        if f is not None:
+            B, N = x.shape[:2]
+            ok = (f.dim() == 3 and tuple(f.shape) == (N, d // 2, 2)) or (
+                f.dim() == 4 and f.shape[0] in (1, B) and tuple(f.shape[1:]) == (N, d // 2, 2))
+            check(ok, _OP, f"{name} must be (N, d/2, 2) = ({N}, {d // 2}, 2) or (B, N, d/2, 2), got {shape_str(f)}")
+            check(f.device == qi.device, _OP, f"{name} is on {f.device}, q_img on {qi.device}")
+    check(d % 2 == 0 or (img_freqs is None and txt_freqs is None), _OP, f"RoPE needs an even head dim, got {d}")
+
+
+def joint_attention_qk(q_img: Tensor, k_img: Tensor, v_img: Tensor, q_txt: Optional[Tensor] = None,
+                       k_txt: Optional[Tensor] = None, v_txt: Optional[Tensor] = None,
+                       txt_mask: Optional[Tensor] = None, *, q_weight: Optional[Tensor] = None,
+                       k_weight: Optional[Tensor] = None, txt_q_weight: Optional[Tensor] = None,
+                       txt_k_weight: Optional[Tensor] = None, img_freqs: Optional[Tensor] = None,
+                       txt_freqs: Optional[Tensor] = None, eps: float = 1e-6, interleaved: bool = True,
+                       scale: Optional[float] = None, layout: str = "bnhd", backend: Optional[str] = None) -> Pair:
+    """Per-stream QK RMSNorm (weights (d,), optional) and RoPE (tables (N, d/2, 2) or (B, N, d/2, 2) float32,
+    optional) of q and k, then joint attention — what an MMDiT block's attention does after its QKV
+    projections. On the fast path the norm and the rotation happen inside the attention kernel as q and k
+    are loaded (and their backward as dq and dk are written); on the reference path they are
+    :func:`fastdit.ops.qk_norm_rope` followed by SDPA. Returns ``(out_img, out_txt)``."""
+    (qi, ki, vi, qt, kt, vt), mask, scale_value = _check_and_canonicalize(
+        q_img, k_img, v_img, q_txt, k_txt, v_txt, txt_mask, scale, layout)
+    _check_qk_extras(qi, qt, q_weight, k_weight, txt_q_weight, txt_k_weight, img_freqs, txt_freqs)
+    tables_ok = all(f is None or f.dtype == torch.float32 for f in (img_freqs, txt_freqs))
+    if use_triton(_OP, backend, lambda: join_reasons(
+            triton_unsupported_reason(qi),
+            None if tables_ok else "RoPE tables must be float32 for the kernel"), KERNEL_READY and qi.is_cuda):
+        return _fast_call(qi, ki, vi, qt, kt, vt, mask, img_freqs, txt_freqs, q_weight, k_weight, txt_q_weight,
+                          txt_k_weight, scale_value, eps, interleaved, layout)
+    from fastdit.ops.qk_norm_rotary import qk_norm_rope
+    if q_weight is not None or img_freqs is not None:
+        qi, ki = qk_norm_rope(qi, ki, q_weight, k_weight, img_freqs, eps, interleaved, backend=backend)
+    if qt is not None and (txt_q_weight is not None or txt_freqs is not None):
+        qt, kt = qk_norm_rope(qt, kt, txt_q_weight, txt_k_weight, txt_freqs, eps, interleaved, backend=backend)
     return _sdpa_canonical(qi, ki, vi, qt, kt, vt, mask, scale_value, layout)

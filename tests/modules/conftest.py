@@ -156,7 +156,7 @@ def stock():
                            randomize_=randomize_)
 
 
-FAST_PATH_OPS = ("adaln", "gated_adaln", "qk_norm_rotary", "rmsnorm", "rotary")
+FAST_PATH_OPS = ("adaln", "gated_adaln", "qk_norm_rotary", "rmsnorm", "rotary", "attention")
 
 
 @pytest.fixture
@@ -168,7 +168,8 @@ def fast_path_calls(monkeypatch):
     calls = []
     for name in FAST_PATH_OPS:
         module = importlib.import_module(f"fastdit.ops.{name}")
-        for attr, direction in (("_forward_impl", "forward"), ("_backward_impl", "backward")):
+        for attr, direction in (("_forward_impl", "forward"), ("_backward_impl", "backward"),
+                                ("_fused_forward_impl", "forward"), ("_fused_backward_impl", "backward")):
             if hasattr(module, attr):
                 original = getattr(module, attr)
 

@@ -1,0 +1,176 @@
+"""Triton joint flash attention (kernels/attention.py) through joint_attention / joint_attention_qk: outputs
+and every gradient (dq, dk, dv of both streams, the QK-norm weights, through RoPE) against float64 under the
+2x rule; image lengths 1, 7, 113, 257; caption lengths 0, 1, 77 with per-sample padding and a sample with no
+real caption token; head dims 64, 72, 80, 96, 128; both layouts; deterministic backward.
+
+On CPU the kernel runs in Triton's interpreter with float16/float32 (its tl.dot on bfloat16 is wrong);
+on a GPU bfloat16 too."""
+import pytest
+import torch
+
+from fastdit.ops import joint_attention, joint_attention_qk, rope_freqs_1d, rope_freqs_2d
+from fastdit.testing import assert_close_to_reference
+
+ON_GPU = torch.cuda.is_available()
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if ON_GPU else [])
+DTYPE_IDS = ["fp16", "fp32"] + (["bf16"] if ON_GPU else [])
+
+
+def slow_on_cpu(n_img=1, n_txt=0, d=64, **_):
+    """The interpreter runs one program at a time: cost grows with (tokens/16)² blocks."""
+    return (n_img + n_txt) > 140 or d not in (64, 72)
+
+
+def _inputs(B, n_img, n_txt, H, d, dtype, device, txt_lengths=None, layout="bnhd"):
+    def make(n):
+        # q, k, v of a stream as strided views of one (B, N, 3, H, d) projection output, as in a model
+        qkv = torch.randn(B, n, 3, H, d, device=device).to(dtype)
+        views = qkv.unbind(2)
+        if layout == "bhnd":
+            views = [t.transpose(1, 2) for t in views]
+        return [t.requires_grad_() for t in views]
+
+    img = make(n_img)
+    txt = make(n_txt) if n_txt else [None] * 3
+    return img, txt
+
+
+def _lengths(B, n_txt, device):
+    """Per-sample real caption tokens: full, none, and partial (one of each, cycling)."""
+    options = [n_txt, 0, max(1, n_txt // 3)]
+    return torch.tensor([options[b % 3] for b in range(B)], device=device)
+
+
+def _run(fn, inputs, cotangents):
+    outs = [o for o in fn(*inputs) if o is not None]
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(outs, wanted, cotangents[:len(outs)])
+    return outs, grads
+
+
+def _check(name_fn, inputs, kwargs_for, masked_txt_rows=None):
+    """Fast path vs the reference in the same dtype vs float64; every output and gradient."""
+    inputs64 = [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+    ours_outs = [o for o in name_fn(*inputs, **kwargs_for("triton", False)) if o is not None]
+    cot = [torch.randn_like(o) for o in ours_outs]
+    if masked_txt_rows is not None and len(cot) == 2:
+        cot[1] = cot[1] * masked_txt_rows  # padded caption queries produce meaningless rows: no gradient in
+    ours = _run(lambda *a: name_fn(*a, **kwargs_for("triton", False)), inputs, cot)
+    ref = _run(lambda *a: name_fn(*a, **kwargs_for("reference", False)), inputs, cot)
+    ref64 = _run(lambda *a: name_fn(*a, **kwargs_for("reference", True)), inputs64, [c.double() for c in cot])
+    for i, (o, r, r64) in enumerate(zip(ours[0], ref[0], ref64[0])):
+        if masked_txt_rows is not None and i == 1:
+            o, r, r64 = o * masked_txt_rows, r * masked_txt_rows, r64 * masked_txt_rows.double()
+        assert torch.isfinite(o).all(), f"out{i} has non-finite values"
+        assert_close_to_reference(o, r, r64, name=f"out{i}")
+    for i, (g, gr, g64) in enumerate(zip(ours[1], ref[1], ref64[1])):
+        assert torch.isfinite(g).all(), f"grad {i} has non-finite values"
+        assert g.dtype == gr.dtype
+        assert_close_to_reference(g, gr, g64, name=f"grad{i}")
+
+
+def _rows_mask(lengths, n_txt, layout, dtype):
+    rows = (torch.arange(n_txt, device=lengths.device)[None, :] < lengths[:, None]).to(dtype)
+    return rows[:, :, None, None] if layout == "bnhd" else rows[:, None, :, None]
+
+
+CASES = [  # (n_img, n_txt, d)
+    (1, 0, 64), (7, 0, 72), (113, 0, 64), (257, 0, 128),
+    (7, 1, 64), (19, 5, 72), (33, 17, 80), (113, 77, 64), (257, 77, 96), (40, 9, 128),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("n_img,n_txt,d", CASES, ids=[f"img{a}-txt{b}-d{c}" for a, b, c in CASES])
+def test_plain_attention_matches_float64(n_img, n_txt, d, dtype, device):
+    B, H = 3, 2
+    (qi, ki, vi), (qt, kt, vt) = _inputs(B, n_img, n_txt, H, d, dtype, device)
+    lengths = _lengths(B, n_txt, device) if n_txt else None
+    rows = _rows_mask(lengths, n_txt, "bnhd", dtype) if n_txt else None
+
+    def kwargs_for(backend, _):
+        return dict(backend=backend)
+
+    def fn(*a, backend):
+        return joint_attention(*a, txt_mask=lengths, backend=backend)
+
+    _check(fn, [qi, ki, vi, qt, kt, vt], kwargs_for, rows)
+
+
+QK_CASES = [  # (n_img as (h, w) grid, n_txt, d, interleaved, norm, rope_txt)
+    ((2, 4), 5, 64, True, True, True), ((3, 5), 3, 72, False, True, False), ((1, 7), 0, 64, True, False, None),
+    ((4, 4), 77, 96, True, True, True), ((8, 16), 9, 128, False, True, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("grid,n_txt,d,interleaved,norm,rope_txt", QK_CASES,
+                         ids=[f"{g[0]}x{g[1]}-txt{t}-d{d}-{'inter' if i else 'half'}-{'norm' if n else 'nonorm'}"
+                              for g, t, d, i, n, _ in QK_CASES])
+def test_fused_qk_norm_rope_attention_matches_float64(grid, n_txt, d, interleaved, norm, rope_txt, dtype,
+                                                      device):
+    B, H = 2, 2
+    n_img = grid[0] * grid[1]
+    (qi, ki, vi), (qt, kt, vt) = _inputs(B, n_img, n_txt, H, d, dtype, device)
+    weights = [((torch.rand(d, device=device) + 0.5)).requires_grad_() if norm else None for _ in range(4)]
+    if not n_txt:
+        weights[2] = weights[3] = None
+    img_freqs = rope_freqs_2d(*grid, d, device=device)
+    txt_freqs = rope_freqs_1d(n_txt, d, device=device) if (n_txt and rope_txt) else None
+    lengths = _lengths(B, n_txt, device) if n_txt else None
+    rows = _rows_mask(lengths, n_txt, "bnhd", dtype) if n_txt else None
+
+    def fn(qi, ki, vi, qt, kt, vt, w0, w1, w2, w3, *, backend):
+        return joint_attention_qk(qi, ki, vi, qt, kt, vt, lengths, q_weight=w0, k_weight=w1, txt_q_weight=w2,
+                                  txt_k_weight=w3, img_freqs=img_freqs, txt_freqs=txt_freqs,
+                                  interleaved=interleaved, backend=backend)
+
+    _check(fn, [qi, ki, vi, qt, kt, vt, *weights], lambda backend, _: dict(backend=backend), rows)
+
+
+def slow_on_cpu_layout(**_):
+    return False
+
+
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+def test_layouts_and_bool_masks(layout, device):
+    """(B, H, N, d) inputs, and a non-prefix bool caption mask, give what the reference gives."""
+    B, H, d = 2, 2, 64
+    (qi, ki, vi), (qt, kt, vt) = _inputs(B, 11, 6, H, d, torch.float32, device, layout=layout)
+    mask = torch.tensor([[True, False, True, True, False, True], [False] * 6], device=device)
+    ours = joint_attention(qi, ki, vi, qt, kt, vt, mask, layout=layout, backend="triton")
+    ref = joint_attention(qi, ki, vi, qt, kt, vt, mask, layout=layout, backend="reference")
+    for o, r in zip(ours, ref):
+        assert o.shape == r.shape
+        torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-5)
+
+
+def test_backward_is_bitwise_deterministic(device):
+    B, H, d = 2, 2, 64
+    (qi, ki, vi), (qt, kt, vt) = _inputs(B, 37, 9, H, d, torch.float16, device)
+    w = [torch.rand(d, device=device).requires_grad_() for _ in range(4)]
+    lengths = torch.tensor([9, 4], device=device)
+    freqs = rope_freqs_1d(37, d, device=device)
+    inputs = [qi, ki, vi, qt, kt, vt] + w
+    out = joint_attention_qk(qi, ki, vi, qt, kt, vt, lengths, q_weight=w[0], k_weight=w[1], txt_q_weight=w[2],
+                             txt_k_weight=w[3], img_freqs=freqs, backend="triton")
+    cot = [torch.randn_like(o) for o in out]
+    first = torch.autograd.grad(out, inputs, cot, retain_graph=True)
+    for _ in range(3):
+        again = torch.autograd.grad(out, inputs, cot, retain_graph=True)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+def test_unsupported_inputs_name_the_problem(device):
+    q = torch.randn(1, 4, 2, 32, device=device)
+    with pytest.raises(ValueError, match="head dim 32"):
+        joint_attention(q, q, q, backend="triton")
+    q = torch.randn(1, 4, 2, 64, device=device)
+    with pytest.raises(ValueError, match="q_weight must be"):
+        joint_attention_qk(q, q, q, q_weight=torch.ones(32, device=device), k_weight=torch.ones(32, device=device),
+                           backend="triton")
+    with pytest.raises(ValueError, match="img_freqs must be"):
+        joint_attention_qk(q, q, q, img_freqs=rope_freqs_1d(5, 64, device=device), backend="triton")
+    with pytest.raises(ValueError, match="give both q_weight and k_weight"):
+        joint_attention_qk(q, q, q, q_weight=torch.ones(64, device=device), backend="triton")
