@@ -46,12 +46,14 @@ def _pair_offsets(HALF, INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr):
 
 @triton.jit
 def _load_pairs(ptr, rows, row_ok, s_n, s_d, HALF, INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """Rows of q or k as fp32 pair tiles (a, b), each [R, BLOCK_HALF]."""
+    """Rows of q or k as pair tiles (a, b), each [R, BLOCK_HALF], in the input dtype (a tile that goes
+    straight into tl.dot must not pass through float32: the software pipeliner only streams loads that
+    feed a dot directly). In-head offsets are 32-bit (the launcher checks they fit)."""
     off_a, off_b, half_ok = _pair_offsets(HALF, INTERLEAVED, BLOCK_HALF)
     mask = row_ok[:, None] & half_ok[None, :]
-    base = ptr + rows.to(tl.int64)[:, None] * s_n
-    a = tl.load(base + off_a[None, :] * s_d, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(base + off_b[None, :] * s_d, mask=mask, other=0.0).to(tl.float32)
+    base = ptr + rows[:, None] * s_n
+    a = tl.load(base + off_a[None, :] * s_d, mask=mask, other=0.0)
+    b = tl.load(base + off_b[None, :] * s_d, mask=mask, other=0.0)
     return a, b
 
 
@@ -59,7 +61,7 @@ def _load_pairs(ptr, rows, row_ok, s_n, s_d, HALF, INTERLEAVED: tl.constexpr, BL
 def _store_pairs(ptr, rows, row_ok, s_n, s_d, HALF, a, b, INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr):
     off_a, off_b, half_ok = _pair_offsets(HALF, INTERLEAVED, BLOCK_HALF)
     mask = row_ok[:, None] & half_ok[None, :]
-    base = ptr + rows.to(tl.int64)[:, None] * s_n
+    base = ptr + rows[:, None] * s_n
     tl.store(base + off_a[None, :] * s_d, a.to(ptr.dtype.element_ty), mask=mask)
     tl.store(base + off_b[None, :] * s_d, b.to(ptr.dtype.element_ty), mask=mask)
 
@@ -76,7 +78,7 @@ def _weight_pairs(W, HALF, INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr):
 def _cos_sin(FREQS, rows, row_ok, s_fn, HALF, BLOCK_HALF: tl.constexpr):
     i = tl.arange(0, BLOCK_HALF)
     mask = row_ok[:, None] & (i < HALF)[None, :]
-    at = FREQS + rows.to(tl.int64)[:, None] * s_fn + 2 * i[None, :]
+    at = FREQS + rows[:, None] * s_fn + 2 * i[None, :]
     return tl.load(at, mask=mask, other=1.0), tl.load(at + 1, mask=mask, other=0.0)
 
 
@@ -84,7 +86,10 @@ def _cos_sin(FREQS, rows, row_ok, s_fn, HALF, BLOCK_HALF: tl.constexpr):
 def _norm_rope(a, b, W, FREQS, rows, row_ok, s_fn, HALF, eps,
                HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
                BLOCK_HALF: tl.constexpr):
-    """(a, b) -> RoPE(RMSNorm(x) * w), fp32."""
+    """(a, b) -> RoPE(RMSNorm(x) * w) in float32; unchanged (input dtype) when there is neither."""
+    if HAS_NORM or HAS_ROPE:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
     if HAS_NORM:
         rstd = tl.rsqrt((tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)) / (2 * HALF) + eps)
         wa, wb = _weight_pairs(W, HALF, INTERLEAVED, BLOCK_HALF)
@@ -108,6 +113,8 @@ def _norm_rope_backward(ga, gb, xa, xb, W, FREQS, rows, row_ok, s_fn, HALF, eps,
     dwa = tl.zeros([BLOCK_HALF], dtype=tl.float32)
     dwb = tl.zeros([BLOCK_HALF], dtype=tl.float32)
     if HAS_NORM:
+        xa = xa.to(tl.float32)
+        xb = xb.to(tl.float32)
         rstd = tl.rsqrt((tl.sum(xa * xa, axis=1) + tl.sum(xb * xb, axis=1)) / (2 * HALF) + eps)
         wa, wb = _weight_pairs(W, HALF, INTERLEAVED, BLOCK_HALF)
         ha = xa * rstd[:, None]
@@ -153,7 +160,7 @@ def _fwd_kv_stream(acc, l_i, m_i, qa, qb, K, V, KW, KF, MASK, b, N_kv, s_kn, s_k
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(V + cols.to(tl.int64)[:, None] * s_vn + dcols[None, :] * s_vd,
+        v = tl.load(V + cols[:, None] * s_vn + dcols[None, :] * s_vd,
                     mask=col_ok[:, None] & (dcols < D)[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
@@ -177,8 +184,8 @@ def _attn_fwd_kernel(
     then stream 2's (the image)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N_q
     qa, qb = _load_pairs(Q + b * s_qb + h * s_qh, rows, row_ok, s_qn, s_qd, HALF, INTERLEAVED, BLOCK_HALF)
@@ -200,7 +207,7 @@ def _attn_fwd_kernel(
                                    BLOCK_HALF, BLOCK_D, PREC)
     out = acc / l_i[:, None]
     dcols = tl.arange(0, BLOCK_D)
-    o_ptr = OUT + b * s_ob + h * s_oh + rows.to(tl.int64)[:, None] * s_on + dcols[None, :] * s_od
+    o_ptr = OUT + b * s_ob + h * s_oh + rows[:, None] * s_on + dcols[None, :] * s_od
     tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (dcols < D)[None, :])
     lse = (m_i + tl.log2(l_i)) / 1.4426950408889634
     tl.store(LSE + bh.to(tl.int64) * N_total + lse_offset + rows, lse, mask=row_ok)
@@ -226,7 +233,7 @@ def _dq_kv_stream(dqa, dqb, qa, qb, do, lse2, delta, K, V, KW, KF, MASK, b, N_kv
         s = tl.dot(qa, tl.trans(ka), input_precision=PREC) + tl.dot(qb, tl.trans(kb), input_precision=PREC)
         valid = _key_valid(MASK, b, s_mb, cols, col_ok, HAS_MASK)
         p = tl.where(row_ok[:, None] & valid[None, :], tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-        v = tl.load(V + cols.to(tl.int64)[:, None] * s_vn + dcols[None, :] * s_vd,
+        v = tl.load(V + cols[:, None] * s_vn + dcols[None, :] * s_vd,
                     mask=col_ok[:, None] & (dcols < D)[None, :], other=0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = (p * (dp - delta[:, None])).to(qa.dtype)
@@ -251,8 +258,8 @@ def _attn_bwd_dq_kernel(
     """dq of BLOCK_M queries of one stream (do: (B, N_q, H, d) strides s_o*; dq strides s_g*)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N_q
     qf = QF + b * s_qfb
@@ -261,7 +268,7 @@ def _attn_bwd_dq_kernel(
     qa = qa.to(Q.dtype.element_ty)
     qb = qb.to(Q.dtype.element_ty)
     dcols = tl.arange(0, BLOCK_D)
-    do = tl.load(DO + b * s_ob + h * s_oh + rows.to(tl.int64)[:, None] * s_on + dcols[None, :] * s_od,
+    do = tl.load(DO + b * s_ob + h * s_oh + rows[:, None] * s_on + dcols[None, :] * s_od,
                  mask=row_ok[:, None] & (dcols < D)[None, :], other=0.0)
     at = bh.to(tl.int64) * N_total + lse_offset + rows
     lse2 = tl.load(LSE + at, mask=row_ok, other=0.0) * 1.4426950408889634
@@ -300,7 +307,7 @@ def _dkdv_q_stream(dka, dkb, dv, ka, kb, v, col_valid, Q, QW, QF, DO, LSE, DELTA
                             BLOCK_HALF)
         qa = qa.to(ka.dtype)
         qb = qb.to(kb.dtype)
-        do = tl.load(DO + rows.to(tl.int64)[:, None] * s_on + dcols[None, :] * s_od,
+        do = tl.load(DO + rows[:, None] * s_on + dcols[None, :] * s_od,
                      mask=row_ok[:, None] & (dcols < D)[None, :], other=0.0)
         at = bh.to(tl.int64) * N_total + lse_offset + rows
         lse2 = tl.load(LSE + at, mask=row_ok, other=0.0) * 1.4426950408889634
@@ -334,8 +341,8 @@ def _attn_bwd_dkdv_kernel(
     then stream 2 (image, from N1). dk strides s_g*, dv strides s_h*."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N_kv
     col_valid = _key_valid(MASK, b, s_mb, cols, col_ok, HAS_MASK)
@@ -345,7 +352,7 @@ def _attn_bwd_dkdv_kernel(
     ka = ka.to(K.dtype.element_ty)
     kb = kb.to(K.dtype.element_ty)
     dcols = tl.arange(0, BLOCK_D)
-    v = tl.load(V + b * s_vb + h * s_vh + cols.to(tl.int64)[:, None] * s_vn + dcols[None, :] * s_vd,
+    v = tl.load(V + b * s_vb + h * s_vh + cols[:, None] * s_vn + dcols[None, :] * s_vd,
                 mask=col_ok[:, None] & (dcols < D)[None, :], other=0.0)
     qk_scale = sm_scale * 1.4426950408889634
     dka = tl.zeros([BLOCK_N, BLOCK_HALF], dtype=tl.float32)
@@ -362,7 +369,7 @@ def _attn_bwd_dkdv_kernel(
     ga, gb, dwa, dwb = _norm_rope_backward(dka * sm_scale, dkb * sm_scale, xa, xb, KW, kf, cols, col_ok, s_kfn,
                                            HALF, eps, K_NORM, K_ROPE, INTERLEAVED, BLOCK_HALF)
     _store_pairs(DK + b * s_gb + h * s_gh, cols, col_ok, s_gn, s_gd, HALF, ga, gb, INTERLEAVED, BLOCK_HALF)
-    tl.store(DV + b * s_hb + h * s_hh + cols.to(tl.int64)[:, None] * s_hn + dcols[None, :] * s_hd,
+    tl.store(DV + b * s_hb + h * s_hh + cols[:, None] * s_hn + dcols[None, :] * s_hd,
              dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & (dcols < D)[None, :])
     if K_NORM:
         part = DKW + ((bh.to(tl.int64) * n_blocks + pid_n) * 2) * BLOCK_HALF + tl.arange(0, BLOCK_HALF)
@@ -383,6 +390,10 @@ class Stream:
         if freqs is not None and not (freqs.stride(-1) == 1 and freqs.stride(-2) == 2):
             freqs = freqs.contiguous()
         self.freqs = freqs
+        for t in (q, k, v):  # in-head offsets are 32-bit in the kernels
+            if t.shape[1] and (t.shape[1] - 1) * t.stride(1) + (t.shape[3] - 1) * t.stride(3) >= 2**31:
+                raise ValueError(f"attention kernel: a (B, N, H, d) tensor of shape {tuple(t.shape)} and strides "
+                                 f"{t.stride()} has offsets within one head beyond 2**31 elements")
 
     @property
     def n(self) -> int:
