@@ -48,22 +48,33 @@ def _pair_offsets(HALF, INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr):
 def _load_pairs(ptr, rows, row_ok, s_n, s_d, HALF, INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr):
     """Rows of q or k as pair tiles (a, b), each [R, BLOCK_HALF], in the input dtype (a tile that goes
     straight into tl.dot must not pass through float32: the software pipeliner only streams loads that
-    feed a dot directly). In-head offsets are 32-bit (the launcher checks they fit)."""
-    off_a, off_b, half_ok = _pair_offsets(HALF, INTERLEAVED, BLOCK_HALF)
-    mask = row_ok[:, None] & half_ok[None, :]
+    feed a dot directly). Interleaved rows are loaded whole (contiguous, vectorised) and split; half-split
+    rows as two contiguous halves. In-head offsets are 32-bit (the launcher checks they fit)."""
     base = ptr + rows[:, None] * s_n
-    a = tl.load(base + off_a[None, :] * s_d, mask=mask, other=0.0)
-    b = tl.load(base + off_b[None, :] * s_d, mask=mask, other=0.0)
+    if INTERLEAVED:
+        c = tl.arange(0, 2 * BLOCK_HALF)
+        x = tl.load(base + c[None, :] * s_d, mask=row_ok[:, None] & (c < 2 * HALF)[None, :], other=0.0)
+        a, b = tl.split(tl.reshape(x, [x.shape[0], BLOCK_HALF, 2]))
+    else:
+        i = tl.arange(0, BLOCK_HALF)
+        mask = row_ok[:, None] & (i < HALF)[None, :]
+        a = tl.load(base + i[None, :] * s_d, mask=mask, other=0.0)
+        b = tl.load(base + (i + HALF)[None, :] * s_d, mask=mask, other=0.0)
     return a, b
 
 
 @triton.jit
 def _store_pairs(ptr, rows, row_ok, s_n, s_d, HALF, a, b, INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    off_a, off_b, half_ok = _pair_offsets(HALF, INTERLEAVED, BLOCK_HALF)
-    mask = row_ok[:, None] & half_ok[None, :]
     base = ptr + rows[:, None] * s_n
-    tl.store(base + off_a[None, :] * s_d, a.to(ptr.dtype.element_ty), mask=mask)
-    tl.store(base + off_b[None, :] * s_d, b.to(ptr.dtype.element_ty), mask=mask)
+    if INTERLEAVED:
+        c = tl.arange(0, 2 * BLOCK_HALF)
+        x = tl.reshape(tl.join(a, b), [a.shape[0], 2 * BLOCK_HALF])
+        tl.store(base + c[None, :] * s_d, x.to(ptr.dtype.element_ty), mask=row_ok[:, None] & (c < 2 * HALF)[None, :])
+    else:
+        i = tl.arange(0, BLOCK_HALF)
+        mask = row_ok[:, None] & (i < HALF)[None, :]
+        tl.store(base + i[None, :] * s_d, a.to(ptr.dtype.element_ty), mask=mask)
+        tl.store(base + (i + HALF)[None, :] * s_d, b.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -423,6 +434,11 @@ def _config(d: int, device: torch.device, block_m: Optional[int], block_n: Optio
     return block_m, block_n, _utils.next_pow2(max(d // 2, 8)), _utils.next_pow2(max(d, 16))
 
 
+def _pairing(interleaved: bool, txt: Stream, img: Stream) -> bool:
+    """Without RoPE the pairing of channels is free: take the two contiguous halves (the cheaper loads)."""
+    return interleaved and (txt.freqs is not None or img.freqs is not None)
+
+
 def _prec(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -435,6 +451,7 @@ def attention_fwd(txt: Stream, img: Stream, sm_scale: float, eps: float, interle
     N_txt = txt.n
     N = N_txt + N_img
     dev = img.q.device
+    interleaved = _pairing(interleaved, txt, img)
     BM, BN, BH, BD = _config(d, dev, block_m, block_n, backward=False)
     warps = num_warps or (4 if dev.type != "cuda" or d <= 64 else 8)
     stages = num_stages or (1 if dev.type != "cuda" else 3)
@@ -485,6 +502,7 @@ def attention_bwd(do_img: torch.Tensor, do_txt: torch.Tensor, txt: Stream, img: 
     N_txt = txt.n
     N = N_txt + N_img
     dev = img.q.device
+    interleaved = _pairing(interleaved, txt, img)
     BM, BN, BH, BD = _config(d, dev, block_m, block_n, backward=True)
     warps = num_warps or (4 if dev.type != "cuda" or d <= 64 else 8)
     stages = num_stages or (1 if dev.type != "cuda" else 2)
