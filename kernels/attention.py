@@ -426,11 +426,13 @@ def _bhnd(t):
 
 
 def _config(d: int, device: torch.device, block_m: Optional[int], block_n: Optional[int], backward: bool):
+    """Tile sizes. GPU defaults from benchmarks/tune_attention.py on an H100 (2026-11-22): forward
+    128 × 128 (8 warps, 3 stages), backward 64 × 64 (4 warps, 2 stages); 16 × 16 in the interpreter."""
     interpret = device.type != "cuda"
     if block_m is None:
         block_m = 16 if interpret else (64 if backward else 128)
     if block_n is None:
-        block_n = 16 if interpret else 64
+        block_n = 16 if interpret else (64 if backward else 128)
     return block_m, block_n, _utils.next_pow2(max(d // 2, 8)), _utils.next_pow2(max(d, 16))
 
 
@@ -453,7 +455,7 @@ def attention_fwd(txt: Stream, img: Stream, sm_scale: float, eps: float, interle
     dev = img.q.device
     interleaved = _pairing(interleaved, txt, img)
     BM, BN, BH, BD = _config(d, dev, block_m, block_n, backward=False)
-    warps = num_warps or (4 if dev.type != "cuda" or d <= 64 else 8)
+    warps = num_warps or (4 if dev.type != "cuda" else 8)
     stages = num_stages or (1 if dev.type != "cuda" else 3)
     o_img = _utils.new_empty((B, N_img, H, d), img.q.dtype, dev)
     o_txt = _utils.new_empty((B, N_txt, H, d), img.q.dtype, dev)
@@ -504,7 +506,7 @@ def attention_bwd(do_img: torch.Tensor, do_txt: torch.Tensor, txt: Stream, img: 
     dev = img.q.device
     interleaved = _pairing(interleaved, txt, img)
     BM, BN, BH, BD = _config(d, dev, block_m, block_n, backward=True)
-    warps = num_warps or (4 if dev.type != "cuda" or d <= 64 else 8)
+    warps = num_warps or 4
     stages = num_stages or (1 if dev.type != "cuda" else 2)
     # delta_i = rowsum(dO ∘ O), fp32 (B, H, N) with text positions first
     delta = torch.cat([(do_txt.float() * o_txt.float()).sum(-1), (do_img.float() * o_img.float()).sum(-1)], 1)
