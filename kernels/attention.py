@@ -436,6 +436,31 @@ def _config(d: int, device: torch.device, block_m: Optional[int], block_n: Optio
     return block_m, block_n, _utils.next_pow2(max(d // 2, 8)), _utils.next_pow2(max(d, 16))
 
 
+def _stride_kwargs(names: str, *values):
+    names = names.split()
+    assert len(names) == len(values)
+    return dict(zip(names, values))
+
+
+# Tile configurations to fall back to, in order, when a launch runs out of shared memory or registers
+# (fused QK-norm/RoPE with wide head dims needs more than the plain kernel)
+_FALLBACKS = [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 1), (32, 32, 4, 1)]
+
+
+def _with_fallback(launch, config, explicit: bool, kwargs):
+    """Launch with ``config`` (BLOCK_M, BLOCK_N, warps, stages); if Triton reports OutOfResources and the
+    configuration was not asked for explicitly, retry with smaller ones."""
+    from triton.runtime.errors import OutOfResources
+
+    for cfg in [config] + ([] if explicit else [c for c in _FALLBACKS if c[:2] <= config[:2] and c != config]):
+        try:
+            return launch(*cfg, **kwargs)
+        except OutOfResources:
+            if explicit or cfg == _FALLBACKS[-1]:
+                raise
+    raise RuntimeError("attention kernel: no tile configuration fits this device")
+
+
 def _pairing(interleaved: bool, txt: Stream, img: Stream) -> bool:
     """Without RoPE the pairing of channels is free: take the two contiguous halves (the cheaper loads)."""
     return interleaved and (txt.freqs is not None or img.freqs is not None)
@@ -467,20 +492,24 @@ def attention_fwd(txt: Stream, img: Stream, sm_scale: float, eps: float, interle
         if q_stream.n == 0:
             continue
         qf, s_qfb, s_qfn = q_stream.freq_args()
-        grid = (triton.cdiv(q_stream.n, BM), B * H)
-        _attn_fwd_kernel[grid](
-            q_stream.q, q_stream.q_weight if q_stream.q_weight is not None else q_stream.q, qf, out, lse,
-            txt.k, txt.v, txt.k_weight if txt.k_weight is not None else txt.k, k1f, mask,
-            img.k, img.v, img.k_weight if img.k_weight is not None else img.k, k2f,
-            H, q_stream.n, N_txt, N_img, offset, N, sm_scale, eps, d // 2, d,
-            *_bhnd(q_stream.q), s_qfb, s_qfn, *_bhnd(out),
-            *_bhnd(txt.k), *_bhnd(txt.v), s_k1fb, s_k1fn, mask.stride(0) if txt.mask is not None else 0,
-            *_bhnd(img.k), *_bhnd(img.v), s_k2fb, s_k2fn,
+        launch = lambda BM, BN, warps, stages, **kw: _attn_fwd_kernel[(triton.cdiv(q_stream.n, BM), B * H)](  # noqa
+            **kw, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages)
+        _with_fallback(launch, (BM, BN, warps, stages), explicit=block_m is not None or block_n is not None,
+                       kwargs=dict(
+            Q=q_stream.q, QW=q_stream.q_weight if q_stream.q_weight is not None else q_stream.q, QF=qf, OUT=out,
+            LSE=lse, K1=txt.k, V1=txt.v, K1W=txt.k_weight if txt.k_weight is not None else txt.k, K1F=k1f,
+            MASK1=mask, K2=img.k, V2=img.v, K2W=img.k_weight if img.k_weight is not None else img.k, K2F=k2f,
+            H=H, N_q=q_stream.n, N1=N_txt, N2=N_img, lse_offset=offset, N_total=N, sm_scale=sm_scale, eps=eps,
+            HALF=d // 2, D=d, **_stride_kwargs(
+                "s_qb s_qh s_qn s_qd s_qfb s_qfn s_ob s_oh s_on s_od s_k1b s_k1h s_k1n s_k1d s_v1b s_v1h s_v1n s_v1d "
+                "s_k1fb s_k1fn s_m1b s_k2b s_k2h s_k2n s_k2d s_v2b s_v2h s_v2n s_v2d s_k2fb s_k2fn",
+                *_bhnd(q_stream.q), s_qfb, s_qfn, *_bhnd(out),
+                *_bhnd(txt.k), *_bhnd(txt.v), s_k1fb, s_k1fn, mask.stride(0) if txt.mask is not None else 0,
+                *_bhnd(img.k), *_bhnd(img.v), s_k2fb, s_k2fn),
             Q_NORM=q_stream.q_weight is not None, Q_ROPE=q_stream.freqs is not None,
             K1_NORM=txt.k_weight is not None, K1_ROPE=txt.freqs is not None, HAS_MASK1=txt.mask is not None,
             K2_NORM=img.k_weight is not None, K2_ROPE=img.freqs is not None, INTERLEAVED=interleaved,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_HALF=BH, BLOCK_D=BD, PREC=_prec(img.q.dtype),
-            num_warps=warps, num_stages=stages)
+            BLOCK_HALF=BH, BLOCK_D=BD, PREC=_prec(img.q.dtype)))
     return o_img, o_txt, lse
 
 

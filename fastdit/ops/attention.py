@@ -25,12 +25,14 @@ with no real caption tokens attends over its image tokens only.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+import os
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastdit.backend import resolve_backend
 from fastdit.ops._common import (check, check_floating, check_same_device, compute_dtype, join_reasons,
                                  kernel_can_run, needs_grad, owned_outputs, shape_str, triton_device_reason,
                                  use_triton)
@@ -471,6 +473,87 @@ def _fast_call(qi, ki, vi, qt, kt, vt, mask, img_freqs, txt_freqs, qwi, kwi, qwt
     return o_img, (o_txt if has_txt else None)
 
 
+# ------------------------------------------------------------------------------------------ dispatch
+# Under backend="auto" on CUDA, a shape takes either fastdit's kernel or (fused QK-norm/RoPE kernel then)
+# PyTorch SDPA — whichever a one-off measurement of forward+backward on this device found faster. The
+# choice is cached per shape; FASTDIT_ATTENTION_PATH=kernel|sdpa or set_attention_path() override it.
+
+ATTENTION_PATHS = ("kernel", "sdpa")
+_path_override: Optional[str] = os.environ.get("FASTDIT_ATTENTION_PATH") or None
+_path_cache: Dict[tuple, str] = {}
+
+
+def set_attention_path(path: Optional[str]) -> None:
+    """Force ``"kernel"`` or ``"sdpa"`` for every shape under ``backend="auto"`` (None: measure per shape)."""
+    global _path_override
+    if path is not None and path not in ATTENTION_PATHS:
+        raise ValueError(f"attention path must be one of {ATTENTION_PATHS} or None, got {path!r}")
+    _path_override = path
+
+
+def _path_key(qi: Tensor, qt: Optional[Tensor], fused: bool) -> tuple:
+    B, N_img, H, d = qi.shape
+    return (B, N_img, 0 if qt is None else qt.shape[1], H, d, qi.dtype, fused, qi.device.index)
+
+
+def _measure_paths(qi: Tensor, qt: Optional[Tensor], fused: bool) -> str:
+    """Time forward+backward of both paths on random inputs of these shapes (CUDA events, median of 5)."""
+    B, N_img, H, d = qi.shape
+    N_txt = 0 if qt is None else qt.shape[1]
+    dev, dt = qi.device, qi.dtype
+    make = lambda n: torch.randn(B, n, H, d, device=dev, dtype=dt, requires_grad=True)  # noqa: E731
+    img = [make(N_img) for _ in range(3)]
+    txt = [make(N_txt) for _ in range(3)] if N_txt else [None] * 3
+    extra = {}
+    if fused:
+        w = [torch.ones(d, device=dev, requires_grad=True) for _ in range(4)]
+        extra = dict(q_weight=w[0], k_weight=w[1], txt_q_weight=w[2] if N_txt else None,
+                     txt_k_weight=w[3] if N_txt else None,
+                     img_freqs=torch.zeros(N_img, d // 2, 2, device=dev))
+    times = {}
+    for path in ATTENTION_PATHS:
+        def step():
+            out = joint_attention_qk(*img, *txt, backend="triton" if path == "kernel" else "reference", **extra)
+            sum(o.float().sum() for o in out if o is not None).backward()
+        for _ in range(2):
+            step()
+        samples = []
+        for _ in range(5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        times[path] = sorted(samples)[2]
+    return min(times, key=times.get)
+
+
+def attention_path(q_img: Tensor, q_txt: Optional[Tensor] = None, *, fused_qk: bool = False,
+                   backend: Optional[str] = None) -> str:
+    """Which path ``joint_attention`` (``fused_qk=False``) or ``joint_attention_qk`` (True) takes for inputs
+    shaped like these ((B, N, H, d) layout): ``"kernel"`` (fastdit's flash-attention kernel) or ``"sdpa"``
+    (PyTorch SDPA, after the fused QK-norm/RoPE kernel where there is one). Under ``"auto"`` on CUDA the
+    first call for a shape measures both and caches the faster; under torch.compile an unmeasured shape
+    takes the kernel."""
+    chosen = resolve_backend(backend)
+    if chosen == "reference":
+        return "sdpa"
+    if chosen == "triton":
+        return "kernel"
+    if not (KERNEL_READY and q_img.is_cuda) or triton_unsupported_reason(q_img) is not None:
+        return "sdpa"
+    if _path_override is not None:
+        return _path_override
+    key = _path_key(q_img, q_txt, fused_qk)
+    if key not in _path_cache:
+        if torch.compiler.is_compiling():
+            return "kernel"
+        with torch.enable_grad():
+            _path_cache[key] = _measure_paths(q_img, q_txt, fused_qk)
+    return _path_cache[key]
+
+
 def joint_attention(q_img: Tensor, k_img: Tensor, v_img: Tensor, q_txt: Optional[Tensor] = None,
                     k_txt: Optional[Tensor] = None, v_txt: Optional[Tensor] = None,
                     txt_mask: Optional[Tensor] = None, *, scale: Optional[float] = None,
@@ -478,11 +561,12 @@ def joint_attention(q_img: Tensor, k_img: Tensor, v_img: Tensor, q_txt: Optional
     """Joint attention over [text, image]; returns ``(out_img, out_txt)`` (see the module docstring).
 
     ``backend``: ``"triton"`` runs fastdit's flash-attention kernel, ``"reference"`` PyTorch SDPA, ``"auto"``
-    the kernel on CUDA where it supports the inputs.
+    whichever :func:`attention_path` picks (on CUDA, where the kernel supports the inputs).
     """
     (qi, ki, vi, qt, kt, vt), mask, scale_value = _check_and_canonicalize(
         q_img, k_img, v_img, q_txt, k_txt, v_txt, txt_mask, scale, layout)
-    if use_triton(_OP, backend, lambda: triton_unsupported_reason(qi), KERNEL_READY and qi.is_cuda):
+    if use_triton(_OP, backend, lambda: triton_unsupported_reason(qi), KERNEL_READY and qi.is_cuda) and (
+            attention_path(qi, qt, backend=backend) == "kernel"):
         return _fast_call(qi, ki, vi, qt, kt, vt, mask, None, None, None, None, None, None, scale_value, 1e-6, True,
                           layout)
     return _sdpa_canonical(qi, ki, vi, qt, kt, vt, mask, scale_value, layout)
@@ -528,7 +612,8 @@ def joint_attention_qk(q_img: Tensor, k_img: Tensor, v_img: Tensor, q_txt: Optio
     tables_ok = all(f is None or f.dtype == torch.float32 for f in (img_freqs, txt_freqs))
     if use_triton(_OP, backend, lambda: join_reasons(
             triton_unsupported_reason(qi),
-            None if tables_ok else "RoPE tables must be float32 for the kernel"), KERNEL_READY and qi.is_cuda):
+            None if tables_ok else "RoPE tables must be float32 for the kernel"), KERNEL_READY and qi.is_cuda) and (
+            attention_path(qi, qt, fused_qk=True, backend=backend) == "kernel"):
         return _fast_call(qi, ki, vi, qt, kt, vt, mask, img_freqs, txt_freqs, q_weight, k_weight, txt_q_weight,
                           txt_k_weight, scale_value, eps, interleaved, layout)
     from fastdit.ops.qk_norm_rotary import qk_norm_rope

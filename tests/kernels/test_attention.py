@@ -174,3 +174,22 @@ def test_unsupported_inputs_name_the_problem(device):
         joint_attention_qk(q, q, q, img_freqs=rope_freqs_1d(5, 64, device=device), backend="triton")
     with pytest.raises(ValueError, match="give both q_weight and k_weight"):
         joint_attention_qk(q, q, q, q_weight=torch.ones(64, device=device), backend="triton")
+
+
+def test_attention_path_follows_the_backend_and_the_override(device):
+    from fastdit.ops import attention_path, set_attention_path
+
+    q = torch.randn(2, 8, 2, 64, device=device)
+    assert attention_path(q, backend="reference") == "sdpa"
+    assert attention_path(q, backend="triton") == "kernel"
+    if device.type == "cpu":  # auto on CPU: no kernel launch outside the test interpreter
+        assert attention_path(q, backend="auto") == "sdpa"
+    assert attention_path(torch.randn(2, 8, 2, 32, device=device), backend="auto") == "sdpa"  # unsupported dim
+    try:
+        set_attention_path("kernel")
+        if device.type == "cuda":
+            assert attention_path(q, backend="auto") == "kernel"
+        with pytest.raises(ValueError, match="attention path"):
+            set_attention_path("fast")
+    finally:
+        set_attention_path(None)
