@@ -535,7 +535,7 @@ def attention_path(q_img: Tensor, q_txt: Optional[Tensor] = None, *, fused_qk: b
     shaped like these ((B, N, H, d) layout): ``"kernel"`` (fastdit's flash-attention kernel) or ``"sdpa"``
     (PyTorch SDPA, after the fused QK-norm/RoPE kernel where there is one). Under ``"auto"`` on CUDA the
     first call for a shape measures both and caches the faster; under torch.compile an unmeasured shape
-    takes the kernel."""
+    takes SDPA (call this eagerly first, or set FASTDIT_ATTENTION_PATH, to choose the kernel there)."""
     chosen = resolve_backend(backend)
     if chosen == "reference":
         return "sdpa"
@@ -547,8 +547,8 @@ def attention_path(q_img: Tensor, q_txt: Optional[Tensor] = None, *, fused_qk: b
         return _path_override
     key = _path_key(q_img, q_txt, fused_qk)
     if key not in _path_cache:
-        if torch.compiler.is_compiling():
-            return "kernel"
+        if torch.compiler.is_compiling():  # cannot time while tracing: the stock path, unless measured before
+            return "sdpa"
         with torch.enable_grad():
             _path_cache[key] = _measure_paths(q_img, q_txt, fused_qk)
     return _path_cache[key]
