@@ -148,6 +148,28 @@ def _key_valid(MASK, b, s_mb, cols, col_ok, HAS_MASK: tl.constexpr):
     return valid
 
 
+@triton.jit
+def _key_block(qa, qb, K, KW, KF, MASK, b, cols, col_ok, s_kn, s_kd, s_fn, s_mb, eps, HALF,
+               HAS_MASK: tl.constexpr, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
+               BLOCK_HALF: tl.constexpr, PREC: tl.constexpr):
+    """One block of keys against the program's queries: the prepared key pairs (in the query dtype), the raw
+    scores q·kᵀ [BLOCK_M, BLOCK_N] and which keys are real."""
+    ka, kb = _load_pairs(K, cols, col_ok, s_kn, s_kd, HALF, INTERLEAVED, BLOCK_HALF)
+    ka, kb = _norm_rope(ka, kb, KW, KF, cols, col_ok, s_fn, HALF, eps, HAS_NORM, HAS_ROPE, INTERLEAVED, BLOCK_HALF)
+    ka = ka.to(qa.dtype)
+    kb = kb.to(qb.dtype)
+    s = tl.dot(qa, tl.trans(ka), input_precision=PREC) + tl.dot(qb, tl.trans(kb), input_precision=PREC)
+    return ka, kb, s, _key_valid(MASK, b, s_mb, cols, col_ok, HAS_MASK)
+
+
+@triton.jit
+def _load_rows(ptr, rows, row_ok, s_n, s_d, D, BLOCK_D: tl.constexpr):
+    """Rows of v, o or do as a [R, BLOCK_D] tile (input dtype)."""
+    dcols = tl.arange(0, BLOCK_D)
+    return tl.load(ptr + rows[:, None] * s_n + dcols[None, :] * s_d, mask=row_ok[:, None] & (dcols < D)[None, :],
+                   other=0.0)
+
+
 # ------------------------------------------------------------------------------------------ forward
 
 @triton.jit
@@ -156,23 +178,17 @@ def _fwd_kv_stream(acc, l_i, m_i, qa, qb, K, V, KW, KF, MASK, b, N_kv, s_kn, s_k
                    HAS_MASK: tl.constexpr, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr,
                    INTERLEAVED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr,
                    BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    dcols = tl.arange(0, BLOCK_D)
     for start in range(0, N_kv, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < N_kv
-        ka, kb = _load_pairs(K, cols, col_ok, s_kn, s_kd, HALF, INTERLEAVED, BLOCK_HALF)
-        ka, kb = _norm_rope(ka, kb, KW, KF, cols, col_ok, s_fn, HALF, eps, HAS_NORM, HAS_ROPE, INTERLEAVED,
-                            BLOCK_HALF)
-        s = tl.dot(qa, tl.trans(ka.to(qa.dtype)), input_precision=PREC)
-        s += tl.dot(qb, tl.trans(kb.to(qb.dtype)), input_precision=PREC)
-        valid = _key_valid(MASK, b, s_mb, cols, col_ok, HAS_MASK)
+        _, _, s, valid = _key_block(qa, qb, K, KW, KF, MASK, b, cols, col_ok, s_kn, s_kd, s_fn, s_mb, eps, HALF,
+                                    HAS_MASK, HAS_NORM, HAS_ROPE, INTERLEAVED, BLOCK_HALF, PREC)
         s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(V + cols[:, None] * s_vn + dcols[None, :] * s_vd,
-                    mask=col_ok[:, None] & (dcols < D)[None, :], other=0.0)
+        v = _load_rows(V, cols, col_ok, s_vn, s_vd, D, BLOCK_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     return acc, l_i, m_i
@@ -232,20 +248,13 @@ def _dq_kv_stream(dqa, dqb, qa, qb, do, lse2, delta, K, V, KW, KF, MASK, b, N_kv
                   HAS_MASK: tl.constexpr, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr,
                   INTERLEAVED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr,
                   BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    dcols = tl.arange(0, BLOCK_D)
     for start in range(0, N_kv, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < N_kv
-        ka, kb = _load_pairs(K, cols, col_ok, s_kn, s_kd, HALF, INTERLEAVED, BLOCK_HALF)
-        ka, kb = _norm_rope(ka, kb, KW, KF, cols, col_ok, s_fn, HALF, eps, HAS_NORM, HAS_ROPE, INTERLEAVED,
-                            BLOCK_HALF)
-        ka = ka.to(qa.dtype)
-        kb = kb.to(qb.dtype)
-        s = tl.dot(qa, tl.trans(ka), input_precision=PREC) + tl.dot(qb, tl.trans(kb), input_precision=PREC)
-        valid = _key_valid(MASK, b, s_mb, cols, col_ok, HAS_MASK)
+        ka, kb, s, valid = _key_block(qa, qb, K, KW, KF, MASK, b, cols, col_ok, s_kn, s_kd, s_fn, s_mb, eps, HALF,
+                                      HAS_MASK, HAS_NORM, HAS_ROPE, INTERLEAVED, BLOCK_HALF, PREC)
         p = tl.where(row_ok[:, None] & valid[None, :], tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-        v = tl.load(V + cols[:, None] * s_vn + dcols[None, :] * s_vd,
-                    mask=col_ok[:, None] & (dcols < D)[None, :], other=0.0)
+        v = _load_rows(V, cols, col_ok, s_vn, s_vd, D, BLOCK_D)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = (p * (dp - delta[:, None])).to(qa.dtype)
         dqa += tl.dot(ds, ka, input_precision=PREC)
@@ -278,9 +287,7 @@ def _attn_bwd_dq_kernel(
     qa, qb = _norm_rope(xa, xb, QW, qf, rows, row_ok, s_qfn, HALF, eps, Q_NORM, Q_ROPE, INTERLEAVED, BLOCK_HALF)
     qa = qa.to(Q.dtype.element_ty)
     qb = qb.to(Q.dtype.element_ty)
-    dcols = tl.arange(0, BLOCK_D)
-    do = tl.load(DO + b * s_ob + h * s_oh + rows[:, None] * s_on + dcols[None, :] * s_od,
-                 mask=row_ok[:, None] & (dcols < D)[None, :], other=0.0)
+    do = _load_rows(DO + b * s_ob + h * s_oh, rows, row_ok, s_on, s_od, D, BLOCK_D)
     at = bh.to(tl.int64) * N_total + lse_offset + rows
     lse2 = tl.load(LSE + at, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + at, mask=row_ok, other=0.0)
@@ -309,7 +316,6 @@ def _dkdv_q_stream(dka, dkb, dv, ka, kb, v, col_valid, Q, QW, QF, DO, LSE, DELTA
                    N_total, s_qn, s_qd, s_qfn, s_on, s_od, qk_scale, eps, HALF, D,
                    HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    dcols = tl.arange(0, BLOCK_D)
     for start in range(0, N_q, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < N_q
@@ -318,8 +324,7 @@ def _dkdv_q_stream(dka, dkb, dv, ka, kb, v, col_valid, Q, QW, QF, DO, LSE, DELTA
                             BLOCK_HALF)
         qa = qa.to(ka.dtype)
         qb = qb.to(kb.dtype)
-        do = tl.load(DO + rows[:, None] * s_on + dcols[None, :] * s_od,
-                     mask=row_ok[:, None] & (dcols < D)[None, :], other=0.0)
+        do = _load_rows(DO, rows, row_ok, s_on, s_od, D, BLOCK_D)
         at = bh.to(tl.int64) * N_total + lse_offset + rows
         lse2 = tl.load(LSE + at, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + at, mask=row_ok, other=0.0)
@@ -363,8 +368,7 @@ def _attn_bwd_dkdv_kernel(
     ka = ka.to(K.dtype.element_ty)
     kb = kb.to(K.dtype.element_ty)
     dcols = tl.arange(0, BLOCK_D)
-    v = tl.load(V + b * s_vb + h * s_vh + cols[:, None] * s_vn + dcols[None, :] * s_vd,
-                mask=col_ok[:, None] & (dcols < D)[None, :], other=0.0)
+    v = _load_rows(V + b * s_vb + h * s_vh, cols, col_ok, s_vn, s_vd, D, BLOCK_D)
     qk_scale = sm_scale * 1.4426950408889634
     dka = tl.zeros([BLOCK_N, BLOCK_HALF], dtype=tl.float32)
     dkb = tl.zeros([BLOCK_N, BLOCK_HALF], dtype=tl.float32)
