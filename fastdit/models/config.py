@@ -3,7 +3,9 @@ gpt-fast's ``ModelArgs.from_name``), round-trippable through JSON for checkpoint
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Dict, Mapping, TypeVar
+from typing import Any, ClassVar, Dict, Mapping, Sequence, TypeVar
+
+from fastdit.models.layers import Size2, to_size2
 
 C = TypeVar("C", bound="ModelConfig")
 
@@ -53,3 +55,45 @@ class ModelConfig:
     def replace(self: C, **changes: Any) -> C:
         self._check_fields(changes, "replace")
         return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass
+class PatchModelConfig(ModelConfig):
+    """Base of the configs of patchified image transformers (DiT, MMDiT): the checks and derived sizes
+    their fields ``input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
+    learn_sigma, frequency_embedding_size`` share. Subclasses call :meth:`_validate_common` first in
+    ``__post_init__``."""
+
+    POSITIVE_INTS: ClassVar[tuple] = ("patch_size", "in_channels", "hidden_size", "depth", "num_heads",
+                                      "frequency_embedding_size")
+
+    def _validate_common(self, extra_ints: Sequence[str] = ()) -> None:
+        name = type(self).__name__
+        if not isinstance(self.input_size, int):
+            self.input_size = to_size2(self.input_size, f"{name}.input_size")
+        to_size2(self.input_size, f"{name}.input_size")
+        for field in self.POSITIVE_INTS + tuple(extra_ints):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}.{field} must be a positive int, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"{name}: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        h, w = to_size2(self.input_size)
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"{name}: input_size {h}×{w} is not divisible by patch_size {self.patch_size}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"{name}.mlp_ratio must be positive, got {self.mlp_ratio}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * (2 if self.learn_sigma else 1)
+
+    @property
+    def grid_size(self) -> Size2:
+        """Patch grid (rows, columns) of ``input_size``."""
+        h, w = to_size2(self.input_size)
+        return h // self.patch_size, w // self.patch_size

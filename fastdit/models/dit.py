@@ -14,10 +14,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from fastdit.models.config import ModelConfig
+from fastdit.models.config import PatchModelConfig
 from fastdit.models.flops import dit_flop_breakdown, dit_flops, training_flops
 from fastdit.models.layers import (FinalLayer, LabelEmbedder, PatchEmbed, Size2, TimestepEmbedder, check_image,
-                                   check_timesteps, init_dit_weights_, sincos_2d, to_size2, unpatchify)
+                                   check_timesteps, init_dit_weights_, sincos_2d, unpatchify)
 from fastdit.modules import DiTBlock
 
 # (depth, hidden size, heads) of the paper's model sizes
@@ -25,7 +25,7 @@ DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (
 
 
 @dataclasses.dataclass
-class DiTConfig(ModelConfig):
+class DiTConfig(PatchModelConfig):
     """Architecture of a DiT. Defaults are DiT-XL/2 for 256 px ImageNet (latent 4×32×32).
 
     input_size: the latent size (int, or (height, width)) the stored ``pos_embed`` is built for; other
@@ -51,37 +51,12 @@ class DiTConfig(ModelConfig):
                for size, (d, h, n) in DIT_SIZES.items() for p in (2, 4, 8)}
 
     def __post_init__(self):
-        if not isinstance(self.input_size, int):
-            self.input_size = to_size2(self.input_size, "DiTConfig.input_size")
-        to_size2(self.input_size, "DiTConfig.input_size")
-        for name in ("patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes",
-                     "frequency_embedding_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"DiTConfig.{name} must be a positive int, got {value!r}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"DiTConfig: hidden_size {self.hidden_size} is not divisible by num_heads "
-                             f"{self.num_heads}")
+        self._validate_common(extra_ints=("num_classes",))
         if self.hidden_size % 4:
             raise ValueError(f"DiTConfig: hidden_size must be divisible by 4 (2-D sin-cos positions), "
                              f"got {self.hidden_size}")
-        h, w = to_size2(self.input_size)
-        if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"DiTConfig: input_size {h}×{w} is not divisible by patch_size {self.patch_size}")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(f"DiTConfig.class_dropout_prob must lie in [0, 1), got {self.class_dropout_prob}")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"DiTConfig.mlp_ratio must be positive, got {self.mlp_ratio}")
-
-    @property
-    def out_channels(self) -> int:
-        return self.in_channels * (2 if self.learn_sigma else 1)
-
-    @property
-    def grid_size(self) -> Size2:
-        """Patch grid (rows, columns) of ``input_size``."""
-        h, w = to_size2(self.input_size)
-        return h // self.patch_size, w // self.patch_size
 
 
 class DiT(nn.Module):

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from fastdit.models.config import ModelConfig
+from fastdit.models.config import PatchModelConfig
 from fastdit.models.flops import mmdit_flop_breakdown, mmdit_flops, training_flops
 from fastdit.models.layers import (FinalLayer, PatchEmbed, Size2, TimestepEmbedder, check_image, check_timesteps,
-                                   init_dit_weights_, sincos_2d, to_size2, unpatchify)
+                                   init_dit_weights_, sincos_2d, unpatchify)
 from fastdit.modules import AdaLNModulation, JointAttention, JointDiTBlock, Mlp, ModulatedLayerNorm, RMSNorm
 from fastdit.ops.adaln import per_token
 from fastdit.ops.attention import joint_attention
@@ -38,7 +38,7 @@ POS_EMBED_KINDS = ("rope", "learned")
 
 
 @dataclasses.dataclass
-class MMDiTConfig(ModelConfig):
+class MMDiTConfig(PatchModelConfig):
     """Architecture of an MMDiT.
 
     input_size: the latent size (int or (height, width)) the learned position table is built for
@@ -68,17 +68,7 @@ class MMDiTConfig(ModelConfig):
                for size, (d, h, n) in MMDIT_SIZES.items() for p in (2, 4, 8)}
 
     def __post_init__(self):
-        if not isinstance(self.input_size, int):
-            self.input_size = to_size2(self.input_size, "MMDiTConfig.input_size")
-        to_size2(self.input_size, "MMDiTConfig.input_size")
-        for name in ("patch_size", "in_channels", "hidden_size", "depth", "num_heads", "caption_dim",
-                     "frequency_embedding_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"MMDiTConfig.{name} must be a positive int, got {value!r}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"MMDiTConfig: hidden_size {self.hidden_size} is not divisible by num_heads "
-                             f"{self.num_heads}")
+        self._validate_common(extra_ints=("caption_dim",))
         if self.pos_embed not in POS_EMBED_KINDS:
             raise ValueError(f"MMDiTConfig.pos_embed must be one of {', '.join(POS_EMBED_KINDS)}, "
                              f"got {self.pos_embed!r}")
@@ -87,24 +77,6 @@ class MMDiTConfig(ModelConfig):
         if self.pos_embed == "learned" and self.hidden_size % 4:
             raise ValueError(f"MMDiTConfig: the learned table starts from 2-D sin-cos and needs hidden_size "
                              f"divisible by 4, got {self.hidden_size}")
-        h, w = to_size2(self.input_size)
-        if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"MMDiTConfig: input_size {h}×{w} is not divisible by patch_size {self.patch_size}")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"MMDiTConfig.mlp_ratio must be positive, got {self.mlp_ratio}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def out_channels(self) -> int:
-        return self.in_channels * (2 if self.learn_sigma else 1)
-
-    @property
-    def grid_size(self) -> Size2:
-        h, w = to_size2(self.input_size)
-        return h // self.patch_size, w // self.patch_size
 
 
 class PooledCaptionEmbedder(nn.Module):
