@@ -198,17 +198,21 @@ def joint_attention_sdpa(q_img: Tensor, k_img: Tensor, v_img: Tensor, q_txt: Opt
 # always present (N_txt may be 0), bool key mask (B, N_txt) or None.
 
 def _prep_stream(q, k, q_weight, k_weight, freqs, eps, interleaved):
-    """Reference QK-norm + RoPE of one stream (what the fused kernel applies on load)."""
+    """Reference QK-norm + RoPE of one stream (what the fused kernel applies on load): (q', k', q_rstd,
+    k_rstd), or None when the stream is empty or has neither."""
     if q.shape[1] == 0 or (q_weight is None and freqs is None):
-        return q, k
+        return None
     from fastdit.ops import qk_norm_rotary
-    q, k, _, _ = qk_norm_rotary._forward_math(q, k, q_weight, k_weight, freqs, eps, interleaved)
-    return q, k
+    return qk_norm_rotary._forward_math(q, k, q_weight, k_weight, freqs, eps, interleaved)
+
+
+def _prepped(prep, q, k):
+    return (q, k) if prep is None else (prep[0], prep[1])
 
 
 def _fused_math(qi, ki, vi, qt, kt, vt, mask, scale, img_freqs, txt_freqs, qwi, kwi, qwt, kwt, eps, interleaved):
-    qi, ki = _prep_stream(qi, ki, qwi, kwi, img_freqs, eps, interleaved)
-    qt, kt = _prep_stream(qt, kt, qwt, kwt, txt_freqs, eps, interleaved)
+    qi, ki = _prepped(_prep_stream(qi, ki, qwi, kwi, img_freqs, eps, interleaved), qi, ki)
+    qt, kt = _prepped(_prep_stream(qt, kt, qwt, kwt, txt_freqs, eps, interleaved), qt, kt)
     B, N_img = qi.shape[:2]
     N_txt = qt.shape[1]
     out, lse = _attention_forward_math(torch.cat([qt, qi], 1), torch.cat([kt, ki], 1), torch.cat([vt, vi], 1),
@@ -261,12 +265,9 @@ def _fused_backward_impl(do_img, do_txt, qi, ki, vi, qt, kt, vt, o_img, o_txt, l
     from fastdit.ops import qk_norm_rotary
     B, N_img = qi.shape[:2]
     N_txt = qt.shape[1]
-    prepped = []
-    for q, k, qw, kw, freqs in ((qi, ki, qwi, kwi, img_freqs), (qt, kt, qwt, kwt, txt_freqs)):
-        fused = q.shape[1] > 0 and (qw is not None or freqs is not None)
-        prepped.append(qk_norm_rotary._forward_math(q, k, qw, kw, freqs, eps, interleaved) if fused else None)
-    (qhi, khi), (qht, kht) = [(p[0], p[1]) if p is not None else (q, k)
-                              for p, q, k in zip(prepped, (qi, qt), (ki, kt))]
+    prepped = [_prep_stream(qi, ki, qwi, kwi, img_freqs, eps, interleaved),
+               _prep_stream(qt, kt, qwt, kwt, txt_freqs, eps, interleaved)]
+    (qhi, khi), (qht, kht) = _prepped(prepped[0], qi, ki), _prepped(prepped[1], qt, kt)
     dq, dk, dv = _attention_backward_math(torch.cat([do_txt, do_img], 1), torch.cat([qht, qhi], 1),
                                           torch.cat([kht, khi], 1), torch.cat([vt, vi], 1),
                                           torch.cat([o_txt, o_img], 1), lse.to(compute_dtype(qi)),
@@ -561,15 +562,11 @@ def joint_attention(q_img: Tensor, k_img: Tensor, v_img: Tensor, q_txt: Optional
     """Joint attention over [text, image]; returns ``(out_img, out_txt)`` (see the module docstring).
 
     ``backend``: ``"triton"`` runs fastdit's flash-attention kernel, ``"reference"`` PyTorch SDPA, ``"auto"``
-    whichever :func:`attention_path` picks (on CUDA, where the kernel supports the inputs).
+    whichever :func:`attention_path` picks (on CUDA, where the kernel supports the inputs). It is
+    :func:`joint_attention_qk` without QK-norm and RoPE.
     """
-    (qi, ki, vi, qt, kt, vt), mask, scale_value = _check_and_canonicalize(
-        q_img, k_img, v_img, q_txt, k_txt, v_txt, txt_mask, scale, layout)
-    if use_triton(_OP, backend, lambda: triton_unsupported_reason(qi), KERNEL_READY and qi.is_cuda) and (
-            attention_path(qi, qt, backend=backend) == "kernel"):
-        return _fast_call(qi, ki, vi, qt, kt, vt, mask, None, None, None, None, None, None, scale_value, 1e-6, True,
-                          layout)
-    return _sdpa_canonical(qi, ki, vi, qt, kt, vt, mask, scale_value, layout)
+    return joint_attention_qk(q_img, k_img, v_img, q_txt, k_txt, v_txt, txt_mask, scale=scale, layout=layout,
+                              backend=backend)
 
 
 def _check_qk_extras(qi, qt, q_weight, k_weight, txt_q_weight, txt_k_weight, img_freqs, txt_freqs):
@@ -610,10 +607,11 @@ def joint_attention_qk(q_img: Tensor, k_img: Tensor, v_img: Tensor, q_txt: Optio
         q_img, k_img, v_img, q_txt, k_txt, v_txt, txt_mask, scale, layout)
     _check_qk_extras(qi, qt, q_weight, k_weight, txt_q_weight, txt_k_weight, img_freqs, txt_freqs)
     tables_ok = all(f is None or f.dtype == torch.float32 for f in (img_freqs, txt_freqs))
+    fused = any(t is not None for t in (q_weight, txt_q_weight, img_freqs, txt_freqs))
     if use_triton(_OP, backend, lambda: join_reasons(
             triton_unsupported_reason(qi),
             None if tables_ok else "RoPE tables must be float32 for the kernel"), KERNEL_READY and qi.is_cuda) and (
-            attention_path(qi, qt, fused_qk=True, backend=backend) == "kernel"):
+            attention_path(qi, qt, fused_qk=fused, backend=backend) == "kernel"):
         return _fast_call(qi, ki, vi, qt, kt, vt, mask, img_freqs, txt_freqs, q_weight, k_weight, txt_q_weight,
                           txt_k_weight, scale_value, eps, interleaved, layout)
     from fastdit.ops.qk_norm_rotary import qk_norm_rope
