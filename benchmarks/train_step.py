@@ -1,0 +1,289 @@
+"""Training-step throughput: fastdit against the stock-PyTorch peers of ``stock_models.py``, one process.
+
+    python benchmarks/train_step.py dit   --out DIR   # DiT-XL/2, 256 px (latents 4×32×32), batch 128
+    python benchmarks/train_step.py mmdit --out DIR   # 8 Flux-style double blocks, 1024 px, batch 1
+    python benchmarks/train_step.py dit --tiny        # a small CPU smoke run of the same code
+
+Every variant runs the baseline's step: bf16 autocast forward, MSE on float32 outputs, backward, fused
+AdamW (on CUDA), ``set_to_none`` zeroing; a few warm-up steps, then wall time over ``--steps`` with the
+device synchronised at both ends. Variants:
+
+- ``stock-eager`` / ``stock-compile``: the baseline model, eager and ``torch.compile(model)``;
+- ``fastdit-<backend>-<compile>``: fastdit's model with that module backend (``auto``: Triton kernels
+  on CUDA; ``reference``: plain PyTorch), compiled per block (``blocks``, what the trainer does) or as a
+  whole (``model``);
+- ``fastdit-trainer`` (dit only): ``fastdit.training.Trainer.fit`` on synthetic latents — rectified-flow
+  loss, gradient clipping, EMA, the agreed non-finite check — as ``fastdit train`` runs it; its rate is
+  the trainer's own images/s over the timed logging intervals.
+
+Reported per variant: ms/step, images/s, achieved TFLOP/s and MFU (training FLOPs from the model's FLOP
+counter; 712 GFLOP per DiT-XL/2 image is the baseline's figure, also given), peak memory. JSON and a
+markdown table go to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stock_models import StockDiT, StockJointStack  # noqa: E402
+
+from fastdit.models import DiT  # noqa: E402
+from fastdit.modules import JointDiTBlock  # noqa: E402
+from fastdit.ops.rotary import rope_freqs_1d, rope_freqs_2d  # noqa: E402
+
+H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16, SXM: the MFU denominator the baseline used
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(model, make_batch: Callable, device, steps: int, warmup: int) -> float:
+    """Seconds per step of the baseline's training step on ``model``."""
+    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
+
+    def step():
+        args, target = make_batch()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = model(*args)
+        F.mse_loss(out.float(), target).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def compiled(model, how: str):
+    if how == "model":
+        return torch.compile(model)
+    if how == "blocks":
+        for block in model.blocks:
+            block.compile(fullgraph=True)
+    return model
+
+
+# ---- DiT-XL/2 ------------------------------------------------------------------------------------------
+class TokenDiT(torch.nn.Module):
+    """fastdit's DiT returning what the stock model returns (patch tokens (B, N, p·p·C)), so both compare
+    with the same loss; ``blocks`` is the DiT's, for per-block compile."""
+
+    def __init__(self, dit: DiT):
+        super().__init__()
+        self.dit = dit
+        self.blocks = dit.blocks
+
+    def forward(self, x, t, y):
+        out = self.dit(x, t, y)  # (B, C, H, W)
+        B, C, H, W = out.shape
+        p = self.dit.config.patch_size
+        return out.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, p * p * C)
+
+
+def dit_variants(args, device) -> List[Dict]:
+    B = args.batch or (8 if args.tiny else 128)
+    size = dict(depth=2, hidden_size=128, num_heads=2) if args.tiny else {}
+    latent = 8 if args.tiny else 32
+    dit_flops = DiT.from_name("DiT-XL/2", learn_sigma=False, input_size=latent, **size).flops_per_sample(training=True)
+
+    def make_batch():
+        x = torch.randn(B, 4, latent, latent, device=device)
+        return (x, torch.rand(B, device=device) * 1000, torch.randint(0, 1000, (B,), device=device)), \
+            torch.randn(B, (latent // 2) ** 2, 16, device=device)
+
+    def stock(how):
+        s = dict(depth=2, dim=128, heads=2, latent=latent) if args.tiny else {}
+        return compiled(StockDiT(**s).to(device), how)
+
+    def ours(backend, how):
+        dit = DiT.from_name("DiT-XL/2", backend=backend, learn_sigma=False, input_size=latent, **size)
+        return compiled(TokenDiT(dit).to(device), how)
+
+    runs = [("stock-eager", lambda: stock("none")), ("stock-compile", lambda: stock("model"))]
+    for backend in args.backends:
+        for how in args.compile:
+            runs.append((f"fastdit-{backend}-{how}", lambda b=backend, h=how: ours(b, h)))
+    results = []
+    for name, build in runs:
+        if args.only and name not in args.only:
+            continue
+        results.append(measure(name, build, make_batch, device, args, B, dit_flops))
+    if not args.only or "fastdit-trainer" in args.only:
+        results.append(trainer_run(args, device, B, latent, size))
+    return results
+
+
+def trainer_run(args, device, B, latent, size) -> Dict:
+    """``Trainer.fit`` as ``fastdit train`` runs it; rates from its own metrics records."""
+    from fastdit.training import TrainConfig, Trainer
+    from fastdit.training.entry import build
+    from fastdit.training.metrics import read_jsonl
+
+    every = max(2, args.steps // 3)
+    with tempfile.TemporaryDirectory() as out:
+        config = TrainConfig()
+        config.run.output_dir = out
+        config.run.max_steps = every * 4  # the first interval holds compilation and warm-up: dropped
+        config.run.compile = device.type == "cuda"
+        config.run.device = device.type
+        config.model.name = "DiT-XL/2"
+        config.model.options = {"learn_sigma": False, **size}
+        config.data.batch_size = B
+        config.data.latent_shape = (4, latent, latent)
+        config.checkpoint.save_final = False
+        config.checkpoint.every = 0
+        config.logging.every = every
+        config.logging.tensorboard = False
+        config.logging.progress_bar = False
+        built = build(config, rank=0, world_size=1)
+        trainer = Trainer(config, built.model, built.task, built.dataset)
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+        records = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if "images_per_s" in r]
+    timed = records[1:]
+    img_s = sum(r["images_per_s"] for r in timed) / len(timed)
+    flops = built.task.flops_per_sample
+    row = {"variant": "fastdit-trainer", "ms_per_step": 1e3 * B / img_s, "images_per_s": img_s,
+           "steps_timed": every * len(timed),
+           "tflops": img_s * flops / 1e12, "flops_per_image": flops,
+           "peak_mem_GB": max(r.get("peak_mem_gb", 0) for r in records) * 2**30 / 1e9 if device.type == "cuda" else None,
+           "loss_last": timed[-1]["loss"]}
+    print(_line(row), flush=True)
+    return row
+
+
+# ---- Flux-style double blocks ---------------------------------------------------------------------------
+class FastditJointStack(torch.nn.Module):
+    """fastdit's JointDiTBlock × depth and a linear head: the stock stack's computation with fastdit's
+    modules (RoPE tables for image (2-D) and caption (1-D) tokens instead of per-token cos/sin)."""
+
+    def __init__(self, depth, dim, heads, backend, out_features=64):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(JointDiTBlock(dim, heads, qk_norm=True, backend=backend)
+                                          for _ in range(depth))
+        self.out = torch.nn.Linear(dim, out_features)
+
+    def forward(self, x, c, t, img_freqs, txt_freqs):
+        for block in self.blocks:
+            x, c = block(x, c, t, None, img_freqs, txt_freqs)
+        return self.out(x)
+
+
+def mmdit_variants(args, device) -> List[Dict]:
+    B = args.batch or 1
+    depth, D, H, grid, Nc = (2, 256, 2, 8, 16) if args.tiny else (8, 3072, 24, 64, 512)
+    Nx, d = grid * grid, D // H
+    # matmul FLOPs of one image's forward (2 per multiply-add), ×3 for training; attention included.
+    per_token = 2 * (3 * D * D + D * D + 8 * D * D)
+    fwd = depth * (per_token * (Nx + Nc) + 4 * H * (Nx + Nc) ** 2 * d) + 2 * D * 64 * Nx
+    flops = 3 * fwd
+    angles = torch.randn(Nx + Nc, d, device=device)
+    cos, sin = angles.cos(), angles.sin()
+    img_freqs, txt_freqs = rope_freqs_2d(grid, grid, d, device=device), rope_freqs_1d(Nc, d, device=device)
+
+    def batch_stock():
+        return ((torch.randn(B, Nx, D, device=device), torch.randn(B, Nc, D, device=device),
+                 torch.randn(B, D, device=device), cos, sin), torch.randn(B, Nx, 64, device=device))
+
+    def batch_ours():
+        (x, c, t, _, _), target = batch_stock()
+        return (x, c, t, img_freqs, txt_freqs), target
+
+    results = []
+    for how in ("none", "model"):
+        name = "stock-" + ("eager" if how == "none" else "compile")
+        if not args.only or name in args.only:
+            results.append(measure(name, lambda h=how: compiled(StockJointStack(depth, D, H).to(device), h),
+                                   batch_stock, device, args, B, flops))
+    for backend in args.backends:
+        for how in args.compile:
+            name = f"fastdit-{backend}-{how}"
+            if not args.only or name in args.only:
+                results.append(measure(name, lambda b=backend, h=how: compiled(
+                    FastditJointStack(depth, D, H, b).to(device), h), batch_ours, device, args, B, flops))
+    return results
+
+
+# ---- common --------------------------------------------------------------------------------------------
+def measure(name, build, make_batch, device, args, B, flops_per_image) -> Dict:
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model = build()
+    try:
+        seconds = time_steps(model, make_batch, device, args.steps, args.warmup)
+        row = {"variant": name, "ms_per_step": 1e3 * seconds, "images_per_s": B / seconds,
+               "tflops": B * flops_per_image / seconds / 1e12, "flops_per_image": flops_per_image,
+               "peak_mem_GB": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}
+    except Exception as err:  # record why a variant could not run instead of losing the others
+        row = {"variant": name, "error": f"{type(err).__name__}: {str(err)[:400]}"}
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    print(_line(row), flush=True)
+    return row
+
+
+def _line(row: Dict) -> str:
+    if "error" in row:
+        return f"{row['variant']:28s} ERROR {row['error']}"
+    mem = "" if row.get("peak_mem_GB") is None else f" peak {row['peak_mem_GB']:.1f} GB"
+    mfu = row["tflops"] / H100_BF16_PEAK_TFLOPS
+    return (f"{row['variant']:28s} {row['ms_per_step']:9.2f} ms/step {row['images_per_s']:9.1f} img/s "
+            f"{row['tflops']:7.1f} TFLOP/s (MFU {100 * mfu:.1f}% of {H100_BF16_PEAK_TFLOPS:.0f}){mem}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", choices=("dit", "mmdit"))
+    parser.add_argument("--out", default=None, help="folder for train_step_<model>.json / .md")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (dit 12, mmdit 6: the baseline's)")
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--backends", nargs="+", default=["auto", "reference"])
+    parser.add_argument("--compile", nargs="+", default=["blocks"], choices=("none", "blocks", "model"))
+    parser.add_argument("--only", nargs="*", default=None, help="run only these variants")
+    parser.add_argument("--tiny", action="store_true", help="small model on whatever device: a smoke run")
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (12 if args.model == "dit" else 6)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if device.type != "cuda" and not args.tiny:
+        parser.error("the full-size runs need a GPU (use --tiny for a CPU smoke run)")
+    results = (dit_variants if args.model == "dit" else mmdit_variants)(args, device)
+    record = {"benchmark": f"train_step.{args.model}", "tiny": args.tiny, "steps": args.steps,
+              "warmup": args.warmup, "results": results}
+    if device.type == "cuda":
+        from harness import environment
+        record = {**environment(), **record}
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, f"train_step_{args.model}.json").write_text(json.dumps(record, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
