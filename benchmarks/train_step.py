@@ -50,8 +50,9 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_steps(model, make_batch: Callable, device, steps: int, warmup: int) -> float:
-    """Seconds per step of the baseline's training step on ``model``."""
+def time_steps(model, make_batch: Callable, device, steps: int, warmup: int, profile_to: str = "") -> float:
+    """Seconds per step of the baseline's training step on ``model``; with ``profile_to``, two more steps
+    run under the PyTorch profiler and a table of GPU time by kernel is written there."""
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
 
@@ -70,7 +71,44 @@ def time_steps(model, make_batch: Callable, device, steps: int, warmup: int) -> 
     for _ in range(steps):
         step()
     _sync(device)
-    return (time.perf_counter() - start) / steps
+    seconds = (time.perf_counter() - start) / steps
+    if profile_to:
+        write_profile(step, device, profile_to)
+    return seconds
+
+
+KERNEL_KINDS = (("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "splitk")),
+                ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa", "_attn")),
+                ("triton", ("triton",)), ("optimizer", ("adam", "multi_tensor", "foreach")))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def write_profile(step: Callable, device, path: str, steps: int = 2) -> None:
+    """GPU time per kernel over ``steps`` steps (sorted, with its kind) and totals by kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    rows = [(e.key, e.device_time_total / steps / 1e3, e.count // steps) for e in prof.key_averages()
+            if e.device_time_total > 0 and e.device_type.name == "CUDA"]
+    rows.sort(key=lambda r: -r[1])
+    kinds: Dict[str, float] = {}
+    for name, ms, _ in rows:
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+    lines = ["GPU ms per step by kind: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+             + f" (sum {sum(kinds.values()):.1f})", "", "ms/step  calls/step  kind       kernel"]
+    lines += [f"{ms:8.3f}  {n:10d}  {kernel_kind(name):9s}  {name[:150]}" for name, ms, n in rows[:60]]
+    Path(path).write_text("\n".join(lines) + "\n")
 
 
 def compiled(model, how: str):
@@ -232,7 +270,8 @@ def measure(name, build, make_batch, device, args, B, flops_per_image) -> Dict:
         torch.cuda.reset_peak_memory_stats(device)
     model = build()
     try:
-        seconds = time_steps(model, make_batch, device, args.steps, args.warmup)
+        profile_to = os.path.join(args.out, f"profile_{name}{args.tag}.txt") if (args.profile and args.out) else ""
+        seconds = time_steps(model, make_batch, device, args.steps, args.warmup, profile_to)
         row = {"variant": name, "ms_per_step": 1e3 * seconds, "images_per_s": B / seconds,
                "tflops": B * flops_per_image / seconds / 1e12, "flops_per_image": flops_per_image,
                "peak_mem_GB": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}
@@ -265,23 +304,30 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", nargs="+", default=["auto", "reference"])
     parser.add_argument("--compile", nargs="+", default=["blocks"], choices=("none", "blocks", "model"))
     parser.add_argument("--only", nargs="*", default=None, help="run only these variants")
+    parser.add_argument("--attention-path", choices=("kernel", "sdpa"), default=None,
+                        help="force fastdit's attention path under backend auto (default: its own choice)")
+    parser.add_argument("--tag", default="", help="suffix of the output file names")
+    parser.add_argument("--profile", action="store_true", help="also write a GPU-time-by-kernel table per variant")
     parser.add_argument("--tiny", action="store_true", help="small model on whatever device: a smoke run")
     args = parser.parse_args(argv)
     args.steps = args.steps or (12 if args.model == "dit" else 6)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.attention_path:
+        from fastdit.ops.attention import set_attention_path
+        set_attention_path(args.attention_path)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     if device.type != "cuda" and not args.tiny:
         parser.error("the full-size runs need a GPU (use --tiny for a CPU smoke run)")
     results = (dit_variants if args.model == "dit" else mmdit_variants)(args, device)
-    record = {"benchmark": f"train_step.{args.model}", "tiny": args.tiny, "steps": args.steps,
+    record = {"benchmark": f"train_step.{args.model}", "tiny": args.tiny, "attention_path": args.attention_path, "steps": args.steps,
               "warmup": args.warmup, "results": results}
     if device.type == "cuda":
         from harness import environment
         record = {**environment(), **record}
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        Path(args.out, f"train_step_{args.model}.json").write_text(json.dumps(record, indent=1) + "\n")
+        Path(args.out, f"train_step_{args.model}{args.tag}.json").write_text(json.dumps(record, indent=1) + "\n")
     return 0
 
 
