@@ -108,6 +108,9 @@ def write_profile(step: Callable, device, path: str, steps: int = 2) -> None:
     lines = ["GPU ms per step by kind: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
              + f" (sum {sum(kinds.values()):.1f})", "", "ms/step  calls/step  kind       kernel"]
     lines += [f"{ms:8.3f}  {n:10d}  {kernel_kind(name):9s}  {name[:150]}" for name, ms, n in rows[:60]]
+    cpu = sorted((e for e in prof.key_averages() if e.device_type.name == "CPU"), key=lambda e: -e.self_cpu_time_total)
+    lines += ["", "host: ms/step of self CPU time, calls/step, op"]
+    lines += [f"{e.self_cpu_time_total / steps / 1e3:8.3f}  {e.count // steps:10d}  {e.key[:150]}" for e in cpu[:40]]
     Path(path).write_text("\n".join(lines) + "\n")
 
 

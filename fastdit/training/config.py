@@ -160,7 +160,8 @@ class CheckpointConfig:
 class LoggingConfig:
     """Metrics and samples.
 
-    every: log metrics every this many steps (the JSONL always gets a per-step loss record).
+    every: log metrics (a JSONL record: mean loss and grad norm over the interval, rates, peak memory)
+        every this many steps; 1 gives per-step losses.
     sample_every: write a sample grid PNG every this many steps (0 = never; needs ``task.samples``).
     sample_rows: rows of the sample grid.
     tensorboard: also write TensorBoard events when ``tensorboard`` is installed.

@@ -1,0 +1,138 @@
+"""DDP scaling of ``fastdit train`` on one host: throughput of N GPUs against one, and the loss curve of
+N × batch against 1 × (N · batch).
+
+    python benchmarks/ddp_scaling.py --gpus 2 --out DIR          # DiT-B/2, synthetic 4×32×32 latents
+
+Runs ``torchrun --standalone -m fastdit.cli train`` (NCCL DDP, bf16, per-block compile, EMA, grad clip):
+
+- ``1gpu_b``: one GPU, per-rank batch b;  ``Ngpu_b``: N GPUs, per-rank batch b (global N·b);
+- ``1gpu_Nb``: one GPU, batch N·b (the same global batch as ``Ngpu_b``), and ``1gpu_Nb_seed1``, the same
+  with another seed: the run-to-run noise the DDP curve is judged against.
+
+Throughput is the trainer's own step times (``logging.every=1``) after ``--warmup-steps`` steps
+(compilation, warm-up). Scaling efficiency = images/s(N GPUs) / (N × images/s(1 GPU)), same per-GPU batch. The loss
+comparison uses per-step losses (mean over ranks) smoothed over windows of ``--window`` steps: the mean
+absolute gap between ``Ngpu_b`` and ``1gpu_Nb`` next to the gap between the two seeds of ``1gpu_Nb``.
+Writes ``ddp_scaling.json`` (and ``ddp_loss.png``) to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def run_training(name: str, gpus: int, batch: int, seed: int, args, out: Path) -> Dict:
+    run_dir = out / name
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
+           "-m", "fastdit.cli", "train", "--output-dir", str(run_dir), "--max-steps", str(args.steps),
+           "--seed", str(seed), "--resume", "none", "--compile" if args.compile else "--no-compile",
+           "--set", f"model.name={args.model}", "--set", f"data.batch_size={batch}",
+           "--set", "data.latent_shape=4,32,32", "--set", "logging.every=1",
+           "--set", "logging.progress_bar=false", "--set", "logging.tensorboard=false",
+           "--set", "checkpoint.every=0", "--set", "checkpoint.save_final=false", "--set", f"run.device={args.device}"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}); see {name}.log:\n{proc.stderr[-2000:]}")
+    from fastdit.training.metrics import read_jsonl
+    records = read_jsonl(str(run_dir / "metrics.jsonl"))
+    steps = [r for r in records if "images_per_s" in r]  # logging.every=1: one record per step
+    rates = [r for r in steps if r["step"] > args.warmup_steps]
+    losses = {int(r["step"]): float(r["loss"]) for r in steps if r.get("loss") is not None}
+    img_s = len(rates) * gpus * batch / sum(r["step_time_s"] for r in rates)
+    row = {"name": name, "gpus": gpus, "batch_per_gpu": batch, "global_batch": gpus * batch, "seed": seed,
+           "images_per_s": img_s, "step_ms": 1e3 * gpus * batch / img_s, "mfu": rates[-1].get("mfu"),
+           "peak_mem_gb": max(r.get("peak_mem_gb", 0.0) for r in rates), "wall_s": wall,
+           "loss": [losses[s] for s in sorted(losses)]}
+    print(f"{name:16s} {gpus} GPU × {batch:4d}: {img_s:8.1f} img/s ({row['step_ms']:.1f} ms/step), "
+          f"final loss {row['loss'][-1]:.4f}, wall {wall:.0f}s", flush=True)
+    return row
+
+
+def smooth(values: List[float], window: int) -> List[float]:
+    return [sum(values[i:i + window]) / len(values[i:i + window]) for i in range(0, len(values), window)]
+
+
+def mean_abs_gap(a: List[float], b: List[float]) -> float:
+    n = min(len(a), len(b))
+    return sum(abs(x - y) for x, y in zip(a[:n], b[:n])) / n
+
+
+def plot(curves: Dict[str, List[float]], window: int, path: Path) -> None:
+    """Smoothed loss curves as a PNG (Pillow only: the GPU machines have no matplotlib)."""
+    from PIL import Image, ImageDraw
+
+    W, H, pad = 900, 500, 60
+    img = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(img)
+    lo = min(min(c) for c in curves.values())
+    hi = max(max(c) for c in curves.values())
+    n = max(len(c) for c in curves.values())
+    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+    draw.rectangle([pad, pad // 2, W - pad // 2, H - pad], outline="black")
+    for i, (name, c) in enumerate(curves.items()):
+        pts = [(pad + (W - 1.5 * pad) * j / max(1, n - 1), H - pad - (H - 1.5 * pad) * (v - lo) / max(1e-12, hi - lo))
+               for j, v in enumerate(c)]
+        draw.line(pts, fill=colors[i % len(colors)], width=2)
+        draw.text((W - 330, pad // 2 + 10 + 16 * i), name, fill=colors[i % len(colors)])
+    draw.text((pad, H - pad + 10), f"step (x{window}), loss from {lo:.4f} to {hi:.4f}", fill="black")
+    img.save(path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--model", default="DiT-B/2")
+    parser.add_argument("--batch", type=int, default=128, help="per-GPU batch of the scaling runs")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--warmup-steps", type=int, default=30, help="steps left out of the throughput")
+    parser.add_argument("--window", type=int, default=25, help="steps per point of the smoothed loss curves")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a gloo smoke run")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and torch.cuda.device_count() < args.gpus:
+        parser.error(f"needs {args.gpus} GPUs, found {torch.cuda.device_count()}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    N, b = args.gpus, args.batch
+    runs = [run_training("1gpu_b", 1, b, 0, args, out), run_training(f"{N}gpu_b", N, b, 0, args, out),
+            run_training(f"1gpu_{N}b", 1, N * b, 0, args, out),
+            run_training(f"1gpu_{N}b_seed1", 1, N * b, 1, args, out)]
+    one, many, big, big2 = runs
+    curves = {r["name"]: smooth(r["loss"], args.window) for r in runs[1:]}
+    skip = len(curves[many["name"]]) // 4  # the first quarter falls fast: compare the rest
+    ddp_gap = mean_abs_gap(curves[many["name"]][skip:], curves[big["name"]][skip:])
+    seed_gap = mean_abs_gap(curves[big2["name"]][skip:], curves[big["name"]][skip:])
+    summary = {"scaling_efficiency": many["images_per_s"] / (N * one["images_per_s"]),
+               "loss_gap_ddp_vs_single": ddp_gap, "loss_gap_seed_vs_seed": seed_gap,
+               "smoothing_window_steps": args.window, "compared_from_step": skip * args.window}
+    record = {"benchmark": "ddp_scaling", "model": args.model, "steps": args.steps, "compile": args.compile,
+              "gpus": N, "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "torch": torch.__version__,
+              "summary": summary, "runs": runs, "curves": curves}
+    try:
+        from harness import environment
+        record = {**environment(), **record}
+    except Exception as err:  # the record is still useful without the environment block
+        record["environment_error"] = repr(err)
+    (out / "ddp_scaling.json").write_text(json.dumps(record, indent=1) + "\n")
+    plot(curves, args.window, out / "ddp_loss.png")
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
