@@ -62,6 +62,15 @@ def run_training(name: str, gpus: int, batch: int, seed: int, args, out: Path) -
     return row
 
 
+def gaussian_floor(samples: int = 10**7) -> float:
+    """The lowest expected rectified-flow loss on SyntheticLatents (standard-normal latents, labels that
+    carry no information) with the default logit-normal(0, 1) times: E_t[Var(z1 - z0 | z_t)] per element,
+    = E_t[2 - (2t - 1)^2 / ((1 - t)^2 + t^2)] (Monte Carlo over t). A run that has learnt all there is to
+    learn sits here; a curve above it is still learning."""
+    t = torch.sigmoid(torch.randn(samples, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    return float((2 - (2 * t - 1) ** 2 / ((1 - t) ** 2 + t ** 2)).mean())
+
+
 def smooth(values: List[float], window: int) -> List[float]:
     return [sum(values[i:i + window]) / len(values[i:i + window]) for i in range(0, len(values), window)]
 
@@ -97,7 +106,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--model", default="DiT-B/2")
     parser.add_argument("--batch", type=int, default=128, help="per-GPU batch of the scaling runs")
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--warmup-steps", type=int, default=30, help="steps left out of the throughput")
     parser.add_argument("--window", type=int, default=25, help="steps per point of the smoothed loss curves")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
@@ -118,6 +127,8 @@ def main(argv=None) -> int:
     ddp_gap = mean_abs_gap(curves[many["name"]][skip:], curves[big["name"]][skip:])
     seed_gap = mean_abs_gap(curves[big2["name"]][skip:], curves[big["name"]][skip:])
     summary = {"scaling_efficiency": many["images_per_s"] / (N * one["images_per_s"]),
+               "final_window_loss": {r["name"]: curves.get(r["name"], smooth(r["loss"], args.window))[-1] for r in runs},
+               "loss_floor_gaussian_latents": gaussian_floor(),
                "loss_gap_ddp_vs_single": ddp_gap, "loss_gap_seed_vs_seed": seed_gap,
                "smoothing_window_steps": args.window, "compared_from_step": skip * args.window}
     record = {"benchmark": "ddp_scaling", "model": args.model, "steps": args.steps, "compile": args.compile,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -19,9 +19,12 @@ def fail(op: str, message: str) -> None:
     raise ValueError(f"fastdit.ops.{op}: {message}")
 
 
-def check(condition: bool, op: str, message: str) -> None:
+def check(condition: bool, op: str, message: Union[str, Callable[[], str]]) -> None:
+    """Raise ``ValueError("fastdit.ops.<op>: <message>")`` unless ``condition``. A message that formats
+    shapes should be a ``lambda``: it is only built on failure, so torch.compile never traces the
+    formatting (``str`` of a symbolic size is a graph break, fatal under ``fullgraph=True``)."""
     if not condition:
-        fail(op, message)
+        fail(op, message() if callable(message) else message)
 
 
 def shape_str(t: torch.Tensor) -> str:
@@ -32,8 +35,8 @@ def check_floating(op: str, **tensors: Optional[torch.Tensor]) -> None:
     for name, t in tensors.items():
         if t is None:
             continue
-        check(isinstance(t, torch.Tensor), op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        check(t.is_floating_point(), op, f"{name} must be a floating-point tensor, got {t.dtype}")
+        check(isinstance(t, torch.Tensor), op, lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check(t.is_floating_point(), op, lambda: f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
 def check_same_device(op: str, **tensors: Optional[torch.Tensor]) -> None:

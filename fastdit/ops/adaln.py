@@ -51,16 +51,17 @@ def check_modulation_inputs(op: str, x: Tensor, **modulation: Tensor) -> None:
         return
     check_floating(op, x=x, **modulation)
     check_same_device(op, x=x, **modulation)
-    check(x.dim() == 3, op, f"x must be 3-D (B, N, D), got shape {shape_str(x)}")
+    check(x.dim() == 3, op, lambda: f"x must be 3-D (B, N, D), got shape {shape_str(x)}")
     B, N, D = x.shape
     check(D > 0, op, "x has an empty feature dimension (D = 0)")
     shapes = {name: tuple(t.shape) for name, t in modulation.items()}
     first_name, first = next(iter(shapes.items()))
     for name, t in modulation.items():
         check(tuple(t.shape) in ((B, D), (B, N, D)), op,
-              f"{name} must be (B, D) = ({B}, {D}) or (B, N, D) = ({B}, {N}, {D}) to match x, got {shape_str(t)}")
+              lambda: f"{name} must be (B, D) = ({B}, {D}) or (B, N, D) = ({B}, {N}, {D}) to match x, "
+                      f"got {shape_str(t)}")
         check(tuple(t.shape) == first, op,
-              f"{name} has shape {shape_str(t)} but {first_name} has {tuple(first)}: use one form for all")
+              lambda: f"{name} has shape {shape_str(t)} but {first_name} has {tuple(first)}: use one form for all")
 
 
 def per_token(m: Tensor) -> Tensor:

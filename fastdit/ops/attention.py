@@ -54,7 +54,7 @@ def _to_bnhd(t: Optional[Tensor], layout: str) -> Optional[Tensor]:
 def _check_and_canonicalize(q_img, k_img, v_img, q_txt, k_txt, v_txt, txt_mask, scale, layout):
     """Validate; return (B, N, H, d) views of the six tensors (text may be None), the bool key mask
     (B, N_txt) or None, and the softmax scale."""
-    check(layout in ("bnhd", "bhnd"), _OP, f"layout must be 'bnhd' or 'bhnd', got {layout!r}")
+    check(layout in ("bnhd", "bhnd"), _OP, lambda: f"layout must be 'bnhd' or 'bhnd', got {layout!r}")
     txt = (q_txt, k_txt, v_txt)
     check(all(t is None for t in txt) or all(t is not None for t in txt), _OP,
           "give all of q_txt, k_txt, v_txt, or none of them")
@@ -65,20 +65,20 @@ def _check_and_canonicalize(q_img, k_img, v_img, q_txt, k_txt, v_txt, txt_mask, 
     dims = "(B, H, N, d)" if layout == "bhnd" else "(B, N, H, d)"
     for name, t in named.items():
         if t is not None:
-            check(t.dim() == 4, _OP, f"{name} must be 4-D {dims} (layout={layout!r}), got {shape_str(t)}")
-            check(t.dtype == q_img.dtype, _OP, f"{name} has dtype {t.dtype} but q_img has {q_img.dtype}")
+            check(t.dim() == 4, _OP, lambda: f"{name} must be 4-D {dims} (layout={layout!r}), got {shape_str(t)}")
+            check(t.dtype == q_img.dtype, _OP, lambda: f"{name} has dtype {t.dtype} but q_img has {q_img.dtype}")
     q_img, k_img, v_img, q_txt, k_txt, v_txt = (_to_bnhd(t, layout) for t in named.values())
     B, N_img, H, d = q_img.shape
     check(N_img >= 1, _OP, "the image stream needs at least one token")
     for name, t in (("k_img", k_img), ("v_img", v_img)):
-        check(t.shape == q_img.shape, _OP, f"{name} must match q_img's shape {tuple(q_img.shape)} "
-                                           f"(B, N, H, d), got {tuple(t.shape)}")
+        check(t.shape == q_img.shape, _OP, lambda: f"{name} must match q_img's shape {tuple(q_img.shape)} "
+                                                   f"(B, N, H, d), got {tuple(t.shape)}")
     mask = None
     if q_txt is not None:
         N_txt = q_txt.shape[1]
         for name, t in (("q_txt", q_txt), ("k_txt", k_txt), ("v_txt", v_txt)):
             check(t.shape[0] == B and t.shape[2] == H and t.shape[3] == d and t.shape[1] == N_txt, _OP,
-                  f"{name} must be (B, N_txt, H, d) = ({B}, {N_txt}, {H}, {d}) to match the image "
+                  lambda: f"{name} must be (B, N_txt, H, d) = ({B}, {N_txt}, {H}, {d}) to match the image "
                   f"stream, got {tuple(t.shape)} (in (B, N, H, d) order)")
         if txt_mask is not None:
             mask = _key_mask(txt_mask, B, N_txt)
@@ -92,17 +92,17 @@ def _check_and_canonicalize(q_img, k_img, v_img, q_txt, k_txt, v_txt, txt_mask, 
 def _key_mask(txt_mask: Tensor, B: int, N_txt: int) -> Tensor:
     if txt_mask.dtype == torch.bool:
         check(tuple(txt_mask.shape) == (B, N_txt), _OP,
-              f"a bool txt_mask must be (B, N_txt) = ({B}, {N_txt}), got {shape_str(txt_mask)}")
+              lambda: f"a bool txt_mask must be (B, N_txt) = ({B}, {N_txt}), got {shape_str(txt_mask)}")
         return txt_mask
     check(not txt_mask.is_floating_point() and not txt_mask.is_complex(), _OP,
-          f"txt_mask must be bool (B, N_txt) or integer lengths (B,), got dtype {txt_mask.dtype}")
+          lambda: f"txt_mask must be bool (B, N_txt) or integer lengths (B,), got dtype {txt_mask.dtype}")
     check(tuple(txt_mask.shape) == (B,), _OP,
-          f"integer txt_mask holds caption lengths and must be (B,) = ({B},), got {shape_str(txt_mask)}")
+          lambda: f"integer txt_mask holds caption lengths and must be (B,) = ({B},), got {shape_str(txt_mask)}")
     # a data-dependent check: on CPU only (on CUDA it would cost a host sync per call; lengths outside
     # [0, N_txt] then act as 0 or N_txt) and not under torch.compile
     if txt_mask.device.type == "cpu" and not torch.compiler.is_compiling():
         check(bool(((txt_mask >= 0) & (txt_mask <= N_txt)).all()), _OP,
-              f"caption lengths must lie in [0, {N_txt}], got {txt_mask.tolist()}")
+              lambda: f"caption lengths must lie in [0, {N_txt}], got {txt_mask.tolist()}")
     return torch.arange(N_txt, device=txt_mask.device) < txt_mask.unsqueeze(1)
 
 
@@ -579,16 +579,17 @@ def _check_qk_extras(qi, qt, q_weight, k_weight, txt_q_weight, txt_k_weight, img
     for name, w in (("q_weight", q_weight), ("k_weight", k_weight), ("txt_q_weight", txt_q_weight),
                     ("txt_k_weight", txt_k_weight)):
         if w is not None:
-            check(tuple(w.shape) == (d,), _OP, f"{name} must be (head_dim,) = ({d},), got {shape_str(w)}")
-            check(w.device == qi.device, _OP, f"{name} is on {w.device}, q_img on {qi.device}")
+            check(tuple(w.shape) == (d,), _OP, lambda: f"{name} must be (head_dim,) = ({d},), got {shape_str(w)}")
+            check(w.device == qi.device, _OP, lambda: f"{name} is on {w.device}, q_img on {qi.device}")
     for name, f, x in (("img_freqs", img_freqs, qi), ("txt_freqs", txt_freqs, qt)):
         if f is not None:
             B, N = x.shape[:2]
             ok = (f.dim() == 3 and tuple(f.shape) == (N, d // 2, 2)) or (
                 f.dim() == 4 and f.shape[0] in (1, B) and tuple(f.shape[1:]) == (N, d // 2, 2))
-            check(ok, _OP, f"{name} must be (N, d/2, 2) = ({N}, {d // 2}, 2) or (B, N, d/2, 2), got {shape_str(f)}")
-            check(f.device == qi.device, _OP, f"{name} is on {f.device}, q_img on {qi.device}")
-    check(d % 2 == 0 or (img_freqs is None and txt_freqs is None), _OP, f"RoPE needs an even head dim, got {d}")
+            check(ok, _OP, lambda: f"{name} must be (N, d/2, 2) = ({N}, {d // 2}, 2) or (B, N, d/2, 2), "
+                                   f"got {shape_str(f)}")
+            check(f.device == qi.device, _OP, lambda: f"{name} is on {f.device}, q_img on {qi.device}")
+    check(d % 2 == 0 or (img_freqs is None and txt_freqs is None), _OP, lambda: f"RoPE needs an even head dim, got {d}")
 
 
 def joint_attention_qk(q_img: Tensor, k_img: Tensor, v_img: Tensor, q_txt: Optional[Tensor] = None,

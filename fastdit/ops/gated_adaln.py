@@ -33,7 +33,7 @@ def _check_inputs(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tens
         return
     check_floating(_OP, y=y)
     check_same_device(_OP, x=x, y=y)
-    check(y.shape == x.shape, _OP, f"y must have x's shape {shape_str(x)}, got {shape_str(y)}")
+    check(y.shape == x.shape, _OP, lambda: f"y must have x's shape {shape_str(x)}, got {shape_str(y)}")
     check_modulation_inputs(_OP, x, gate=gate, shift=shift, scale=scale)
 
 

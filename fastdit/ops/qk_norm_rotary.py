@@ -42,13 +42,13 @@ def _check_inputs(q, k, q_weight, k_weight, freqs) -> None:
         return  # the common case, without building any message
     check_floating(_OP, q=q, k=k, q_weight=q_weight, k_weight=k_weight, freqs=freqs)
     check_same_device(_OP, q=q, k=k, q_weight=q_weight, k_weight=k_weight, freqs=freqs)
-    check(q.dim() == 4, _OP, f"q must be 4-D (B, N, H, d), got shape {shape_str(q)}")
-    check(k.shape == q.shape, _OP, f"k must have q's shape {shape_str(q)}, got {shape_str(k)}")
+    check(q.dim() == 4, _OP, lambda: f"q must be 4-D (B, N, H, d), got shape {shape_str(q)}")
+    check(k.shape == q.shape, _OP, lambda: f"k must have q's shape {shape_str(q)}, got {shape_str(k)}")
     check((q_weight is None) == (k_weight is None), _OP, "give both q_weight and k_weight, or neither")
     d = q.shape[-1]
     for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
         if w is not None:
-            check(w.dim() == 1 and w.shape[0] == d, _OP, f"{name} must be ({d},), got {shape_str(w)}")
+            check(w.dim() == 1 and w.shape[0] == d, _OP, lambda: f"{name} must be ({d},), got {shape_str(w)}")
     if freqs is not None:
         rotary._check_inputs(q, freqs)
 

@@ -29,9 +29,10 @@ def _check_inputs(x: Tensor, weight: Tensor) -> None:
         return  # the common case, without building any message
     check_floating(_OP, x=x, weight=weight)
     check_same_device(_OP, x=x, weight=weight)
-    check(x.dim() >= 1 and x.shape[-1] > 0, _OP, f"x needs a non-empty last dimension, got shape {shape_str(x)}")
+    check(x.dim() >= 1 and x.shape[-1] > 0, _OP,
+          lambda: f"x needs a non-empty last dimension, got shape {shape_str(x)}")
     check(weight.dim() == 1 and weight.shape[0] == x.shape[-1], _OP,
-          f"weight must be 1-D with x's last dimension ({x.shape[-1]}), got {shape_str(weight)}")
+          lambda: f"weight must be 1-D with x's last dimension ({x.shape[-1]}), got {shape_str(weight)}")
 
 
 def _forward_math(x: Tensor, weight: Tensor, eps: float) -> Tuple[Tensor, Tensor]:

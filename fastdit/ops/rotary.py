@@ -44,7 +44,8 @@ def rope_freqs(ids: Tensor, axes_dims: Sequence[int], theta: float = 10000.0) ->
         fail("rope_freqs", f"ids must be (N, {len(axes_dims)}) or (B, N, {len(axes_dims)}) for "
                            f"{len(axes_dims)} axes, got {shape_str(ids)}")
     for a in axes_dims:
-        check(a > 0 and a % 2 == 0, "rope_freqs", f"every axis needs a positive even channel count, got {axes_dims}")
+        check(a > 0 and a % 2 == 0, "rope_freqs",
+              lambda: f"every axis needs a positive even channel count, got {axes_dims}")
     angles = []
     for axis, dim in enumerate(axes_dims):
         omega = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
@@ -65,7 +66,7 @@ def rope_freqs_2d(height: int, width: int, dim: int, theta: float = 10000.0,
     """Axial table for an image grid of ``height × width`` tokens in row-major order (the order of
     ``patchify(x).flatten(2)``): the first d/4 pairs rotate by the row index, the rest by the column.
     ``dim`` must be a multiple of 4. Returns (height*width, dim/2, 2)."""
-    check(dim % 4 == 0, "rope_freqs_2d", f"2-D axial RoPE needs a head dim divisible by 4, got {dim}")
+    check(dim % 4 == 0, "rope_freqs_2d", lambda: f"2-D axial RoPE needs a head dim divisible by 4, got {dim}")
     rows, cols = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device),
                                 indexing="ij")
     ids = torch.stack([rows, cols], dim=-1).reshape(height * width, 2)
@@ -88,14 +89,14 @@ def _check_inputs(x: Tensor, freqs: Tensor) -> None:
         return  # the common case, without building any message
     check_floating(_OP, x=x, freqs=freqs)
     check_same_device(_OP, x=x, freqs=freqs)
-    check(x.dim() == 4, _OP, f"x must be 4-D (B, N, H, d), got shape {shape_str(x)}")
+    check(x.dim() == 4, _OP, lambda: f"x must be 4-D (B, N, H, d), got shape {shape_str(x)}")
     B, N, _, d = x.shape
-    check(d % 2 == 0, _OP, f"the head dim must be even to rotate channel pairs, got d = {d}")
+    check(d % 2 == 0, _OP, lambda: f"the head dim must be even to rotate channel pairs, got d = {d}")
     check(freqs.dim() in (3, 4) and tuple(freqs.shape[-3:]) == (N, d // 2, 2), _OP,
-          f"freqs must be (N, d/2, 2) = ({N}, {d // 2}, 2) or (B, N, d/2, 2) for x of shape {shape_str(x)}, "
+          lambda: f"freqs must be (N, d/2, 2) = ({N}, {d // 2}, 2) or (B, N, d/2, 2) for x of shape {shape_str(x)}, "
           f"got {shape_str(freqs)}")
     check(freqs.dim() == 3 or freqs.shape[0] in (1, B), _OP,
-          f"a per-sample table must have batch {B} (or 1), got {shape_str(freqs)}")
+          lambda: f"a per-sample table must have batch {B} (or 1), got {shape_str(freqs)}")
 
 
 def _cos_sin(freqs: Tensor, acc: torch.dtype):

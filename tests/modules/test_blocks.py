@@ -197,6 +197,23 @@ def test_compiled_blocks_have_no_graph_breaks(backend, stock, device):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_compiled_blocks_take_a_new_batch_size_without_graph_breaks(backend, stock, device):
+    """A second batch size recompiles with a symbolic batch dimension (automatic dynamic shapes): the
+    input checks must not format symbolic sizes (a graph break, an error under fullgraph=True) — as
+    when a trainer samples, or a loader's last batch is short."""
+    torch._dynamo.reset()
+    joint = stock.randomize_(JointDiTBlock(64, 1, backend=backend), std=0.05).to(device)
+    compiled = torch.compile(joint, fullgraph=True, backend="aot_eager")
+    freqs_img, freqs_txt = rope_freqs_2d(3, 3, 64, device=device), rope_freqs_1d(5, 64, device=device)
+    for batch in (2, 3, 4):
+        args = (torch.randn(batch, 9, 64, device=device), torch.randn(batch, 5, 64, device=device),
+                torch.randn(batch, 64, device=device), torch.full((batch,), 3, device=device), freqs_img, freqs_txt)
+        for out, want in zip(compiled(*args), joint(*args)):
+            torch.testing.assert_close(out, want)
+    torch._dynamo.reset()
+
+
 def test_compiled_block_runs_forward_and_backward_like_eager(stock, device):
     """fullgraph=True compile (aot_eager: no C++ toolchain needed) through the library ops."""
     torch._dynamo.reset()
