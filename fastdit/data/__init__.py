@@ -2,6 +2,7 @@
 implementations (streaming loaders implement the same interface)."""
 from fastdit.data.base import Batch, StatefulDataset, derive_seed
 from fastdit.data.memory import TensorDictDataset
+from fastdit.data.prefetch import Prefetcher
 from fastdit.data.synthetic import SyntheticLatents
 
-__all__ = ["Batch", "StatefulDataset", "TensorDictDataset", "SyntheticLatents", "derive_seed"]
+__all__ = ["Batch", "Prefetcher", "StatefulDataset", "TensorDictDataset", "SyntheticLatents", "derive_seed"]

@@ -44,8 +44,9 @@ class StatefulDataset(abc.ABC):
     ``state_dict`` and ``load_state_dict``. The state holds only plain Python values and tensors so a
     checkpoint can be read with ``torch.load(..., weights_only=True)``.
 
-    Note: the state describes batches *handed out*. A consumer that prefetches (e.g. a DataLoader with
-    workers) must track what it actually used; the trainer pulls batches synchronously.
+    Note: the state describes batches *handed out*. A consumer that prefetches must track what it
+    actually used: :class:`fastdit.data.Prefetcher` (the trainer's) pairs every batch with the state
+    after it.
     """
 
     batch_size: int

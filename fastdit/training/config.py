@@ -92,6 +92,8 @@ class DataConfig:
     latent_shape: (C, H, W) of the latents (synthetic data; also what samplers produce).
     num_classes: labels are in ``[0, num_classes)``; 0 = unconditional.
     options: further kind-specific settings (JSON values).
+    prefetch: batches drawn ahead in a background thread (pinned on CUDA), so that making a batch
+        overlaps the GPU's work; 0 draws each batch in the training loop. Resume stays exact either way.
     """
     batch_size: int = 32
     kind: str = "synthetic"
@@ -99,6 +101,7 @@ class DataConfig:
     latent_shape: Tuple[int, int, int] = (4, 32, 32)
     num_classes: int = 1000
     options: Dict[str, Any] = field(default_factory=dict)
+    prefetch: int = 2
 
 
 @dataclass
@@ -283,6 +286,7 @@ class TrainConfig:
             ("run.max_consecutive_skips", r.max_consecutive_skips >= 0, "must be >= 0"),
             ("run.dist_timeout_s", r.dist_timeout_s > 0, "must be > 0"),
             ("data.batch_size", d.batch_size >= 1, "must be >= 1"),
+            ("data.prefetch", d.prefetch >= 0, "must be >= 0 (0 = no prefetching)"),
             ("data.num_classes", d.num_classes >= 0, "must be >= 0"),
             ("data.latent_shape", all(v >= 1 for v in d.latent_shape), "sizes must be >= 1"),
             ("optim.lr", o.lr > 0 and math.isfinite(o.lr), "must be a positive finite number"),

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastdit.data.base import StatefulDataset
+from fastdit.data.prefetch import Prefetcher
 from fastdit.training.checkpoint import CheckpointManager, load_state, resolve_checkpoint
 from fastdit.training.config import TrainConfig
 from fastdit.training.distributed import DistInfo, all_gather_objects, barrier, init_distributed, shutdown
@@ -152,6 +153,7 @@ class Trainer:
         self._log: Optional[JsonlLogger] = None
         self._tb = None
         self._bar = None
+        self._prefetcher: Optional[Prefetcher] = None
 
     # ---- construction helpers -------------------------------------------------------------------
     def _wrap(self, raw: nn.Module) -> nn.Module:
@@ -199,9 +201,29 @@ class Trainer:
                              "checkpoint": self.resumed_from})
         self._bar = self._progress_bar(start)
         flops, tokens = task_flops_per_sample(self.task), task_tokens_per_sample(self.task)
+        last_loss = None
+        if cfg.data.prefetch:
+            self._prefetcher = Prefetcher(self.dataset, cfg.data.prefetch, pin_memory=self.device.type == "cuda")
+            data = self._prefetcher
+        else:
+            data = iter(self.dataset)
+        try:
+            last_loss = self._loop(start, data, flops, tokens)
+        finally:
+            if self._prefetcher is not None:  # rewinds the dataset to the last batch used
+                self._prefetcher.close()
+                self._prefetcher = None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        return {"step": self.step, "skipped_steps": self.skipped_steps, "loss": last_loss,
+                "resumed_from": self.resumed_from}
+
+    def _loop(self, start: int, data, flops, tokens) -> Optional[float]:
+        """Steps ``start + 1 … run.max_steps`` with logging, samples and checkpoints; the last loss."""
+        cfg = self.config
         interval = _Interval()
         last_loss = None
-        data = iter(self.dataset)
         self.model.train()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -230,11 +252,7 @@ class Trainer:
             if (every and step % every == 0) or (step == cfg.run.max_steps and cfg.checkpoint.save_final):
                 self.save_checkpoint(step)
             paused += time.perf_counter() - aside
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        return {"step": self.step, "skipped_steps": self.skipped_steps, "loss": last_loss,
-                "resumed_from": self.resumed_from}
+        return last_loss
 
     def close(self) -> None:
         """Close the logs, and the process group if this trainer created it."""
@@ -352,7 +370,9 @@ class Trainer:
         optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
         ema_sd = self.ema.state_dict() if self.ema is not None else None
         rngs = all_gather_objects(get_rng_state(self.device), self.dist)
-        positions = all_gather_objects(self.dataset.state_dict(), self.dist)
+        # the position after the last batch trained on (a prefetcher's dataset has drawn further)
+        position = self._prefetcher.position if self._prefetcher is not None else self.dataset.state_dict()
+        positions = all_gather_objects(position, self.dist)
         path = None
         if self.is_main:
             state = {"format": 1, "step": step, "model": model_sd, "optimizer": optim_sd,
