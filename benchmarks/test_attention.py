@@ -53,7 +53,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import fastdit.ops
 from fastdit.modules.attention import JointAttention
 from fastdit.ops import attention as attention_ops
-from fastdit.ops import joint_attention, qk_norm_rope, rope_freqs_2d
+from fastdit.ops import joint_attention, qk_norm_rope, rope_freqs_2d, set_attention_path
 
 # Every peer is compiled once per shape and direction (grad mode is a guard): more than dynamo's default
 # of 8 recompilations of one code object, after which it would silently run eager.
@@ -83,7 +83,10 @@ SDPA_BACKENDS = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBack
 ALTERNATIVES = ["flash-attn2", "flash-attn3", "xformers"]
 KERNEL_IMPLS = [*SDPA_BACKENDS, *ALTERNATIVES, FASTDIT, "fastdit-reference-sdpa"]
 QK_IMPLS = ["eager-stock", "compile-stock", "fastdit-reference", FASTDIT_2OPS, FASTDIT]
-MODULE_IMPLS = ["eager-stock", "compile-stock", "fastdit-reference", FASTDIT]
+# fastdit-path-*: backend "auto" with attention_path forced (prepass: QK-norm/RoPE kernel, then the kernel;
+# sdpa: QK-norm/RoPE kernel, then SDPA); FASTDIT: backend "triton", QK-norm/RoPE fused into the kernel
+MODULE_IMPLS = ["eager-stock", "compile-stock", "fastdit-reference", FASTDIT, "fastdit-path-prepass",
+                "fastdit-path-sdpa"]
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -441,14 +444,23 @@ def module_flops(shape, direction):
 @pytest.mark.parametrize("impl", MODULE_IMPLS)
 @pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
 def test_attention_module(gpu_bench, randn, direction, impl, shape):
+    forced_path = impl[len("fastdit-path-"):] if impl.startswith("fastdit-path-") else None
+    set_attention_path(forced_path)
+    try:
+        attention_module_case(gpu_bench, randn, direction, impl, shape, forced_path)
+    finally:
+        set_attention_path(None)
+
+
+def attention_module_case(gpu_bench, randn, direction, impl, shape, forced_path):
     B, H, N_img, N_txt, d = SHAPES[shape]
     joint, dim = N_txt > 0, H * d
     side = int(round(N_img ** 0.5))
     assert side * side == N_img, "image tokens form a square grid"
     if impl.startswith("fastdit"):
         skip_reference_math_oom(impl, shape)
-    fastdit_module = JointAttention(dim, H, joint=joint, qk_norm=True,
-                                    backend="reference" if impl == "fastdit-reference" else "triton")
+    backend = "reference" if impl == "fastdit-reference" else ("auto" if forced_path else "triton")
+    fastdit_module = JointAttention(dim, H, joint=joint, qk_norm=True, backend=backend)
     with torch.no_grad():  # QK-norm scales away from 1, so that a wrong key mapping shows in the check
         generator = torch.Generator().manual_seed(0)
         for name, p in fastdit_module.named_parameters():

@@ -307,7 +307,7 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", nargs="+", default=["auto", "reference"])
     parser.add_argument("--compile", nargs="+", default=["blocks"], choices=("none", "blocks", "model"))
     parser.add_argument("--only", nargs="*", default=None, help="run only these variants")
-    parser.add_argument("--attention-path", choices=("kernel", "sdpa"), default=None,
+    parser.add_argument("--attention-path", choices=("kernel", "prepass", "sdpa"), default=None,
                         help="force fastdit's attention path under backend auto (default: its own choice)")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--profile", action="store_true", help="also write a GPU-time-by-kernel table per variant")

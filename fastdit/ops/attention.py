@@ -20,7 +20,8 @@ with no real caption tokens attends over its image tokens only.
   (same math, O(N) memory, what stock PyTorch code runs);
 - ``torch.ops.fastdit.joint_attention``: the library op (the Triton flash-attention kernel of
   ``kernels/attention.py`` where it can run, else the reference math);
-- :func:`joint_attention_qk` adds per-stream QK RMSNorm and RoPE, fused into the kernel's loads.
+- :func:`joint_attention_qk` adds per-stream QK RMSNorm and RoPE: fused into the kernel's loads, or as
+  a separate per-token pass before the kernel or SDPA (see :func:`attention_path`).
 """
 from __future__ import annotations
 
@@ -475,17 +476,22 @@ def _fast_call(qi, ki, vi, qt, kt, vt, mask, img_freqs, txt_freqs, qwi, kwi, qwt
 
 
 # ------------------------------------------------------------------------------------------ dispatch
-# Under backend="auto" on CUDA, a shape takes either fastdit's kernel or (fused QK-norm/RoPE kernel then)
-# PyTorch SDPA — whichever a one-off measurement of forward+backward on this device found faster. The
-# choice is cached per shape; FASTDIT_ATTENTION_PATH=kernel|sdpa or set_attention_path() override it.
+# Under backend="auto" on CUDA, a shape takes one of three paths — whichever a one-off measurement of
+# forward+backward on this device found fastest (cached per shape; FASTDIT_ATTENTION_PATH or
+# set_attention_path() override it):
+#   "kernel"  fastdit's attention kernel, QK-norm/RoPE (if any) applied inside it as q and k are loaded;
+#   "prepass" fastdit's QK-norm/RoPE kernel once per token, then fastdit's attention kernel (the fused
+#             kernel re-normalises and re-rotates every key block once per query block);
+#   "sdpa"    the QK-norm/RoPE kernel (if any), then PyTorch SDPA on the concatenation.
+# Without QK-norm or RoPE, "prepass" is "kernel".
 
-ATTENTION_PATHS = ("kernel", "sdpa")
+ATTENTION_PATHS = ("kernel", "prepass", "sdpa")
 _path_override: Optional[str] = os.environ.get("FASTDIT_ATTENTION_PATH") or None
 _path_cache: Dict[tuple, str] = {}
 
 
 def set_attention_path(path: Optional[str]) -> None:
-    """Force ``"kernel"`` or ``"sdpa"`` for every shape under ``backend="auto"`` (None: measure per shape)."""
+    """Force one of :data:`ATTENTION_PATHS` for every shape under ``backend="auto"`` (None: measure per shape)."""
     global _path_override
     if path is not None and path not in ATTENTION_PATHS:
         raise ValueError(f"attention path must be one of {ATTENTION_PATHS} or None, got {path!r}")
@@ -498,7 +504,8 @@ def _path_key(qi: Tensor, qt: Optional[Tensor], fused: bool) -> tuple:
 
 
 def _measure_paths(qi: Tensor, qt: Optional[Tensor], fused: bool) -> str:
-    """Time forward+backward of both paths on random inputs of these shapes (CUDA events, median of 5)."""
+    """Time forward+backward of each path on random inputs of these shapes (CUDA events, median of 5); the
+    fastest path's name."""
     B, N_img, H, d = qi.shape
     N_txt = 0 if qt is None else qt.shape[1]
     dev, dt = qi.device, qi.dtype
@@ -511,10 +518,13 @@ def _measure_paths(qi: Tensor, qt: Optional[Tensor], fused: bool) -> str:
         extra = dict(q_weight=w[0], k_weight=w[1], txt_q_weight=w[2] if N_txt else None,
                      txt_k_weight=w[3] if N_txt else None,
                      img_freqs=torch.zeros(N_img, d // 2, 2, device=dev))
+    extras = (extra.get("img_freqs"), None, extra.get("q_weight"), extra.get("k_weight"), extra.get("txt_q_weight"),
+              extra.get("txt_k_weight"))
+    scale = 1.0 / math.sqrt(d)
     times = {}
-    for path in ATTENTION_PATHS:
+    for path in (ATTENTION_PATHS if fused else ("kernel", "sdpa")):
         def step():
-            out = joint_attention_qk(*img, *txt, backend="triton" if path == "kernel" else "reference", **extra)
+            out = _run_path(path, *img, *txt, None, *extras, scale, 1e-6, True, "bnhd")
             sum(o.float().sum() for o in out if o is not None).backward()
         for _ in range(2):
             step()
@@ -533,10 +543,12 @@ def _measure_paths(qi: Tensor, qt: Optional[Tensor], fused: bool) -> str:
 def attention_path(q_img: Tensor, q_txt: Optional[Tensor] = None, *, fused_qk: bool = False,
                    backend: Optional[str] = None) -> str:
     """Which path ``joint_attention`` (``fused_qk=False``) or ``joint_attention_qk`` (True) takes for inputs
-    shaped like these ((B, N, H, d) layout): ``"kernel"`` (fastdit's flash-attention kernel) or ``"sdpa"``
-    (PyTorch SDPA, after the fused QK-norm/RoPE kernel where there is one). Under ``"auto"`` on CUDA the
-    first call for a shape measures both and caches the faster; under torch.compile an unmeasured shape
-    takes SDPA (call this eagerly first, or set FASTDIT_ATTENTION_PATH, to choose the kernel there)."""
+    shaped like these ((B, N, H, d) layout): ``"kernel"`` (fastdit's flash-attention kernel, QK-norm/RoPE
+    fused into its loads), ``"prepass"`` (fastdit's QK-norm/RoPE kernel, then the attention kernel; only
+    chosen with ``fused_qk``) or ``"sdpa"`` (PyTorch SDPA, after the QK-norm/RoPE kernel where there is
+    one). Under ``"auto"`` on CUDA the first call for a shape measures them and caches the fastest; under
+    torch.compile an unmeasured shape takes SDPA (call this eagerly first, or set FASTDIT_ATTENTION_PATH,
+    to choose a kernel path there)."""
     chosen = resolve_backend(backend)
     if chosen == "reference":
         return "sdpa"
@@ -603,21 +615,34 @@ def joint_attention_qk(q_img: Tensor, k_img: Tensor, v_img: Tensor, q_txt: Optio
     optional) of q and k, then joint attention — what an MMDiT block's attention does after its QKV
     projections. On the fast path the norm and the rotation happen inside the attention kernel as q and k
     are loaded (and their backward as dq and dk are written); on the reference path they are
-    :func:`fastdit.ops.qk_norm_rope` followed by SDPA. Returns ``(out_img, out_txt)``."""
+    :func:`fastdit.ops.qk_norm_rope` followed by SDPA; under ``"auto"`` :func:`attention_path` picks one of
+    those or the QK-norm/RoPE kernel followed by the attention kernel. Returns ``(out_img, out_txt)``."""
     (qi, ki, vi, qt, kt, vt), mask, scale_value = _check_and_canonicalize(
         q_img, k_img, v_img, q_txt, k_txt, v_txt, txt_mask, scale, layout)
     _check_qk_extras(qi, qt, q_weight, k_weight, txt_q_weight, txt_k_weight, img_freqs, txt_freqs)
     tables_ok = all(f is None or f.dtype == torch.float32 for f in (img_freqs, txt_freqs))
     fused = any(t is not None for t in (q_weight, txt_q_weight, img_freqs, txt_freqs))
+    path = "sdpa"
     if use_triton(_OP, backend, lambda: join_reasons(
             triton_unsupported_reason(qi),
-            None if tables_ok else "RoPE tables must be float32 for the kernel"), KERNEL_READY and qi.is_cuda) and (
-            attention_path(qi, qt, fused_qk=fused, backend=backend) == "kernel"):
-        return _fast_call(qi, ki, vi, qt, kt, vt, mask, img_freqs, txt_freqs, q_weight, k_weight, txt_q_weight,
-                          txt_k_weight, scale_value, eps, interleaved, layout)
+            None if tables_ok else "RoPE tables must be float32 for the kernel"), KERNEL_READY and qi.is_cuda):
+        path = attention_path(qi, qt, fused_qk=fused, backend=backend)
+    return _run_path(path, qi, ki, vi, qt, kt, vt, mask, img_freqs, txt_freqs, q_weight, k_weight, txt_q_weight,
+                     txt_k_weight, scale_value, eps, interleaved, layout, backend)
+
+
+def _run_path(path, qi, ki, vi, qt, kt, vt, mask, img_freqs, txt_freqs, qwi, kwi, qwt, kwt, scale, eps, interleaved,
+              layout, backend=None) -> Pair:
+    """Run one of :data:`ATTENTION_PATHS` on validated (B, N, H, d) inputs (see the dispatch notes)."""
+    if path == "kernel":
+        return _fast_call(qi, ki, vi, qt, kt, vt, mask, img_freqs, txt_freqs, qwi, kwi, qwt, kwt, scale, eps,
+                          interleaved, layout)
     from fastdit.ops.qk_norm_rotary import qk_norm_rope
-    if q_weight is not None or img_freqs is not None:
-        qi, ki = qk_norm_rope(qi, ki, q_weight, k_weight, img_freqs, eps, interleaved, backend=backend)
-    if qt is not None and (txt_q_weight is not None or txt_freqs is not None):
-        qt, kt = qk_norm_rope(qt, kt, txt_q_weight, txt_k_weight, txt_freqs, eps, interleaved, backend=backend)
-    return _sdpa_canonical(qi, ki, vi, qt, kt, vt, mask, scale_value, layout)
+    if qwi is not None or img_freqs is not None:
+        qi, ki = qk_norm_rope(qi, ki, qwi, kwi, img_freqs, eps, interleaved, backend=backend)
+    if qt is not None and (qwt is not None or txt_freqs is not None):
+        qt, kt = qk_norm_rope(qt, kt, qwt, kwt, txt_freqs, eps, interleaved, backend=backend)
+    if path == "prepass":
+        return _fast_call(qi, ki, vi, qt, kt, vt, mask, None, None, None, None, None, None, scale, eps, interleaved,
+                          layout)
+    return _sdpa_canonical(qi, ki, vi, qt, kt, vt, mask, scale, layout)

@@ -128,6 +128,39 @@ def test_fused_qk_norm_rope_attention_matches_float64(grid, n_txt, d, interleave
     _check(fn, [qi, ki, vi, qt, kt, vt, *weights], lambda backend, _: dict(backend=backend), rows)
 
 
+PREPASS_CASES = [QK_CASES[0], QK_CASES[1], QK_CASES[2]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("grid,n_txt,d,interleaved,norm,rope_txt", PREPASS_CASES,
+                         ids=[f"{g[0]}x{g[1]}-txt{t}-d{d}" for g, t, d, *_ in PREPASS_CASES])
+def test_prepass_path_matches_float64(grid, n_txt, d, interleaved, norm, rope_txt, dtype, device):
+    """The "prepass" path: the QK-norm/RoPE kernel once per token, then the plain attention kernel."""
+    from fastdit.ops.attention import _check_and_canonicalize, _run_path
+
+    B, H = 2, 2
+    n_img = grid[0] * grid[1]
+    (qi, ki, vi), (qt, kt, vt) = _inputs(B, n_img, n_txt, H, d, dtype, device)
+    weights = [((torch.rand(d, device=device) + 0.5)).requires_grad_() if norm else None for _ in range(4)]
+    if not n_txt:
+        weights[2] = weights[3] = None
+    img_freqs = rope_freqs_2d(*grid, d, device=device)
+    txt_freqs = rope_freqs_1d(n_txt, d, device=device) if (n_txt and rope_txt) else None
+    lengths = _lengths(B, n_txt, device) if n_txt else None
+    rows = _rows_mask(lengths, n_txt, "bnhd", dtype) if n_txt else None
+
+    def fn(qi, ki, vi, qt, kt, vt, w0, w1, w2, w3, *, backend):
+        if backend == "reference":
+            return joint_attention_qk(qi, ki, vi, qt, kt, vt, lengths, q_weight=w0, k_weight=w1, txt_q_weight=w2,
+                                      txt_k_weight=w3, img_freqs=img_freqs, txt_freqs=txt_freqs,
+                                      interleaved=interleaved, backend="reference")
+        tensors, mask, scale = _check_and_canonicalize(qi, ki, vi, qt, kt, vt, lengths, None, "bnhd")
+        return _run_path("prepass", *tensors, mask, img_freqs, txt_freqs, w0, w1, w2, w3, scale, 1e-6, interleaved,
+                         "bnhd", backend="triton")
+
+    _check(fn, [qi, ki, vi, qt, kt, vt, *weights], lambda backend, _: dict(backend=backend), rows)
+
+
 def slow_on_cpu_layout(**_):
     return False
 
@@ -189,6 +222,9 @@ def test_attention_path_follows_the_backend_and_the_override(device):
         set_attention_path("kernel")
         if device.type == "cuda":
             assert attention_path(q, backend="auto") == "kernel"
+        set_attention_path("prepass")
+        if device.type == "cuda":
+            assert attention_path(q, backend="auto", fused_qk=True) == "prepass"
         with pytest.raises(ValueError, match="attention path"):
             set_attention_path("fast")
     finally:
