@@ -103,39 +103,16 @@ QK_CASES = [  # (n_img as (h, w) grid, n_txt, d, interleaved, norm, rope_txt)
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("grid,n_txt,d,interleaved,norm,rope_txt", QK_CASES,
-                         ids=[f"{g[0]}x{g[1]}-txt{t}-d{d}-{'inter' if i else 'half'}-{'norm' if n else 'nonorm'}"
-                              for g, t, d, i, n, _ in QK_CASES])
-def test_fused_qk_norm_rope_attention_matches_float64(grid, n_txt, d, interleaved, norm, rope_txt, dtype,
-                                                      device):
-    B, H = 2, 2
-    n_img = grid[0] * grid[1]
-    (qi, ki, vi), (qt, kt, vt) = _inputs(B, n_img, n_txt, H, d, dtype, device)
-    weights = [((torch.rand(d, device=device) + 0.5)).requires_grad_() if norm else None for _ in range(4)]
-    if not n_txt:
-        weights[2] = weights[3] = None
-    img_freqs = rope_freqs_2d(*grid, d, device=device)
-    txt_freqs = rope_freqs_1d(n_txt, d, device=device) if (n_txt and rope_txt) else None
-    lengths = _lengths(B, n_txt, device) if n_txt else None
-    rows = _rows_mask(lengths, n_txt, "bnhd", dtype) if n_txt else None
-
-    def fn(qi, ki, vi, qt, kt, vt, w0, w1, w2, w3, *, backend):
-        return joint_attention_qk(qi, ki, vi, qt, kt, vt, lengths, q_weight=w0, k_weight=w1, txt_q_weight=w2,
-                                  txt_k_weight=w3, img_freqs=img_freqs, txt_freqs=txt_freqs,
-                                  interleaved=interleaved, backend=backend)
-
-    _check(fn, [qi, ki, vi, qt, kt, vt, *weights], lambda backend, _: dict(backend=backend), rows)
-
-
-PREPASS_CASES = [QK_CASES[0], QK_CASES[1], QK_CASES[2]]
+# the fused path on every case; the prepass path (QK-norm/RoPE kernel once per token, then the plain attention
+# kernel; see fastdit.ops.attention_path) on the first three
+QK_PATH_CASES = [(*case, "fused") for case in QK_CASES] + [(*case, "prepass") for case in QK_CASES[:3]]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("grid,n_txt,d,interleaved,norm,rope_txt", PREPASS_CASES,
-                         ids=[f"{g[0]}x{g[1]}-txt{t}-d{d}" for g, t, d, *_ in PREPASS_CASES])
-def test_prepass_path_matches_float64(grid, n_txt, d, interleaved, norm, rope_txt, dtype, device):
-    """The "prepass" path: the QK-norm/RoPE kernel once per token, then the plain attention kernel."""
+@pytest.mark.parametrize("grid,n_txt,d,interleaved,norm,rope_txt,path", QK_PATH_CASES,
+                         ids=[f"{p}-{g[0]}x{g[1]}-txt{t}-d{d}-{'inter' if i else 'half'}-{'norm' if n else 'nonorm'}"
+                              for g, t, d, i, n, _, p in QK_PATH_CASES])
+def test_qk_norm_rope_attention_matches_float64(grid, n_txt, d, interleaved, norm, rope_txt, path, dtype, device):
     from fastdit.ops.attention import _check_and_canonicalize, _run_path
 
     B, H = 2, 2
@@ -150,13 +127,13 @@ def test_prepass_path_matches_float64(grid, n_txt, d, interleaved, norm, rope_tx
     rows = _rows_mask(lengths, n_txt, "bnhd", dtype) if n_txt else None
 
     def fn(qi, ki, vi, qt, kt, vt, w0, w1, w2, w3, *, backend):
-        if backend == "reference":
-            return joint_attention_qk(qi, ki, vi, qt, kt, vt, lengths, q_weight=w0, k_weight=w1, txt_q_weight=w2,
-                                      txt_k_weight=w3, img_freqs=img_freqs, txt_freqs=txt_freqs,
-                                      interleaved=interleaved, backend="reference")
-        tensors, mask, scale = _check_and_canonicalize(qi, ki, vi, qt, kt, vt, lengths, None, "bnhd")
-        return _run_path("prepass", *tensors, mask, img_freqs, txt_freqs, w0, w1, w2, w3, scale, 1e-6, interleaved,
-                         "bnhd", backend="triton")
+        if path == "prepass" and backend == "triton":
+            tensors, mask, scale = _check_and_canonicalize(qi, ki, vi, qt, kt, vt, lengths, None, "bnhd")
+            return _run_path("prepass", *tensors, mask, img_freqs, txt_freqs, w0, w1, w2, w3, scale, 1e-6,
+                             interleaved, "bnhd", backend="triton")
+        return joint_attention_qk(qi, ki, vi, qt, kt, vt, lengths, q_weight=w0, k_weight=w1, txt_q_weight=w2,
+                                  txt_k_weight=w3, img_freqs=img_freqs, txt_freqs=txt_freqs,
+                                  interleaved=interleaved, backend=backend)
 
     _check(fn, [qi, ki, vi, qt, kt, vt, *weights], lambda backend, _: dict(backend=backend), rows)
 
