@@ -40,7 +40,11 @@ def run_training(name: str, gpus: int, batch: int, seed: int, args, out: Path) -
            "--set", "data.latent_shape=4,32,32", "--set", "logging.every=1",
            "--set", "logging.progress_bar=false", "--set", "logging.tensorboard=false",
            "--set", "checkpoint.every=0", "--set", "checkpoint.save_final=false", "--set", f"run.device={args.device}"]
+    if args.data_prefetch is not None:
+        cmd += ["--set", f"data.prefetch={args.data_prefetch}"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
+    if args.omp_threads:  # torchrun sets 1 per rank unless told otherwise
+        env["OMP_NUM_THREADS"] = str(args.omp_threads)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -53,11 +57,15 @@ def run_training(name: str, gpus: int, batch: int, seed: int, args, out: Path) -
     rates = [r for r in steps if r["step"] > args.warmup_steps]
     losses = {int(r["step"]): float(r["loss"]) for r in steps if r.get("loss") is not None}
     img_s = len(rates) * gpus * batch / sum(r["step_time_s"] for r in rates)
+    times = sorted(1e3 * r["step_time_s"] for r in rates)
+    spread = {f"step_ms_p{q}": times[min(len(times) - 1, int(q / 100 * len(times)))] for q in (10, 50, 90)}
     row = {"name": name, "gpus": gpus, "batch_per_gpu": batch, "global_batch": gpus * batch, "seed": seed,
            "images_per_s": img_s, "step_ms": 1e3 * gpus * batch / img_s, "mfu": rates[-1].get("mfu"),
-           "peak_mem_gb": max(r.get("peak_mem_gb", 0.0) for r in rates), "wall_s": wall,
+           **spread, "peak_mem_gb": max(r.get("peak_mem_gb", 0.0) for r in rates), "wall_s": wall,
+           "omp_num_threads": env.get("OMP_NUM_THREADS", "torchrun's default"),
            "loss": [losses[s] for s in sorted(losses)]}
-    print(f"{name:16s} {gpus} GPU × {batch:4d}: {img_s:8.1f} img/s ({row['step_ms']:.1f} ms/step), "
+    print(f"{name:16s} {gpus} GPU × {batch:4d}: {img_s:8.1f} img/s ({row['step_ms']:.1f} ms/step; p10/p50/p90 "
+          f"{spread['step_ms_p10']:.1f}/{spread['step_ms_p50']:.1f}/{spread['step_ms_p90']:.1f}), "
           f"final loss {row['loss'][-1]:.4f}, wall {wall:.0f}s", flush=True)
     return row
 
@@ -111,6 +119,8 @@ def main(argv=None) -> int:
     parser.add_argument("--window", type=int, default=25, help="steps per point of the smoothed loss curves")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a gloo smoke run")
+    parser.add_argument("--omp-threads", type=int, default=0, help="OMP_NUM_THREADS per rank (0: torchrun's choice)")
+    parser.add_argument("--data-prefetch", type=int, default=None, help="data.prefetch (default: the trainer's)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.device == "cuda" and torch.cuda.device_count() < args.gpus:
@@ -127,12 +137,14 @@ def main(argv=None) -> int:
     ddp_gap = mean_abs_gap(curves[many["name"]][skip:], curves[big["name"]][skip:])
     seed_gap = mean_abs_gap(curves[big2["name"]][skip:], curves[big["name"]][skip:])
     summary = {"scaling_efficiency": many["images_per_s"] / (N * one["images_per_s"]),
-               "final_window_loss": {r["name"]: curves.get(r["name"], smooth(r["loss"], args.window))[-1] for r in runs},
+               "final_window_loss": {r["name"]: smooth(r["loss"], args.window)[-1] for r in runs},
                "loss_floor_gaussian_latents": gaussian_floor(),
                "loss_gap_ddp_vs_single": ddp_gap, "loss_gap_seed_vs_seed": seed_gap,
                "smoothing_window_steps": args.window, "compared_from_step": skip * args.window}
     record = {"benchmark": "ddp_scaling", "model": args.model, "steps": args.steps, "compile": args.compile,
-              "gpus": N, "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "torch": torch.__version__,
+              "omp_threads": args.omp_threads or None, "data_prefetch": args.data_prefetch,
+              "gpus": N, "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+              "torch": torch.__version__,
               "summary": summary, "runs": runs, "curves": curves}
     try:
         from harness import environment
