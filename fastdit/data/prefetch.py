@@ -36,16 +36,20 @@ class Prefetcher:
 
     ``next(prefetcher)`` returns the next batch; :attr:`position` is the dataset state right after the
     last batch returned (before any: the state at construction). ``pin_memory=True`` pins every tensor
-    of a batch (in the thread) so ``.to(device, non_blocking=True)`` does not block the host. An error
+    of a batch (in the thread) so ``.to(device, non_blocking=True)`` does not block the host; give the
+    CUDA ``device`` the batches go to (the thread makes it current: a thread starts on device 0, and a
+    rank of another GPU must not open a context there). An error
     raised by the dataset is raised again by the ``next`` call that would have returned its batch.
     Use as a context manager, or call :meth:`close`: it stops the thread and rewinds the dataset to
     :attr:`position`.
     """
 
-    def __init__(self, dataset: StatefulDataset, depth: int = 2, pin_memory: bool = False):
+    def __init__(self, dataset: StatefulDataset, depth: int = 2, pin_memory: bool = False,
+                 device: Optional[torch.device] = None):
         if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
             raise ValueError(f"Prefetcher depth must be a positive integer, got {depth!r}")
         self.dataset, self.depth, self.pin_memory = dataset, depth, pin_memory
+        self.device = None if device is None else torch.device(device)
         self.position: Dict[str, Any] = dataset.state_dict()
         self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -66,6 +70,8 @@ class Prefetcher:
 
     def _work(self) -> None:
         try:
+            if self.pin_memory and self.device is not None and self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
             batches = iter(self.dataset)
             while not self._stop.is_set():
                 try:

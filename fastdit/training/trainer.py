@@ -203,7 +203,8 @@ class Trainer:
         flops, tokens = task_flops_per_sample(self.task), task_tokens_per_sample(self.task)
         last_loss = None
         if cfg.data.prefetch:
-            self._prefetcher = Prefetcher(self.dataset, cfg.data.prefetch, pin_memory=self.device.type == "cuda")
+            self._prefetcher = Prefetcher(self.dataset, cfg.data.prefetch, pin_memory=self.device.type == "cuda",
+                                          device=self.device)
             data = self._prefetcher
         else:
             data = iter(self.dataset)

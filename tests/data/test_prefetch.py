@@ -107,6 +107,7 @@ def test_bad_depth_is_refused(depth):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
 def test_pinned_batches():
-    with Prefetcher(SyntheticLatents((4, 8, 8), 2, num_classes=3), pin_memory=True) as prefetcher:
+    with Prefetcher(SyntheticLatents((4, 8, 8), 2, num_classes=3), pin_memory=True,
+                    device=torch.device("cuda", torch.cuda.device_count() - 1)) as prefetcher:
         batch = next(prefetcher)
     assert all(v.is_pinned() for v in batch.values())
