@@ -509,7 +509,10 @@ def _measure_paths(qi: Tensor, qt: Optional[Tensor], fused: bool) -> str:
     B, N_img, H, d = qi.shape
     N_txt = 0 if qt is None else qt.shape[1]
     dev, dt = qi.device, qi.dtype
-    make = lambda n: torch.randn(B, n, H, d, device=dev, dtype=dt, requires_grad=True)  # noqa: E731
+    # a private generator: measuring must not advance the global RNG (a resumed run measures again, at
+    # another step than the run it continues, and must still draw the same noise)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    make = lambda n: torch.randn(B, n, H, d, device=dev, dtype=dt, generator=gen).requires_grad_()  # noqa: E731
     img = [make(N_img) for _ in range(3)]
     txt = [make(N_txt) for _ in range(3)] if N_txt else [None] * 3
     extra = {}

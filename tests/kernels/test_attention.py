@@ -206,3 +206,15 @@ def test_attention_path_follows_the_backend_and_the_override(device):
             set_attention_path("fast")
     finally:
         set_attention_path(None)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the paths are measured on CUDA only")
+def test_measuring_the_paths_leaves_the_global_rng_alone():
+    """A resumed run measures at another step than the run it continues: the draws must not shift."""
+    from fastdit.ops.attention import _measure_paths
+
+    q = torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.float16)
+    cuda_state, cpu_state = torch.cuda.get_rng_state(), torch.get_rng_state()
+    assert _measure_paths(q, None, False) in ("kernel", "sdpa")
+    assert _measure_paths(q, q[:, :5], True) in ("kernel", "prepass", "sdpa")
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_state) and torch.equal(torch.get_rng_state(), cpu_state)
