@@ -447,22 +447,27 @@ def _stride_kwargs(names: str, *values):
 
 
 # Tile configurations to fall back to, in order, when a launch runs out of shared memory or registers
-# (fused QK-norm/RoPE with wide head dims needs more than the plain kernel)
+# (fused QK-norm/RoPE with wide head dims needs more than the plain kernel; GPUs with less shared memory
+# per SM than the H100 the defaults were tuned on). Forward and both backward kernels use them.
 _FALLBACKS = [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 1), (32, 32, 4, 1)]
 
 
 def _with_fallback(launch, config, explicit: bool, kwargs):
     """Launch with ``config`` (BLOCK_M, BLOCK_N, warps, stages); if Triton reports OutOfResources and the
-    configuration was not asked for explicitly, retry with smaller ones."""
+    configuration was not asked for explicitly, retry with the smaller ones of :data:`_FALLBACKS`, and
+    raise the last OutOfResources when none fits."""
     from triton.runtime.errors import OutOfResources
 
-    for cfg in [config] + ([] if explicit else [c for c in _FALLBACKS if c[:2] <= config[:2] and c != config]):
+    m, n, _, stages = config
+    smaller = [c for c in _FALLBACKS  # tiles within the config's, and smaller or with fewer pipeline stages
+               if c[0] <= m and c[1] <= n and (c[0] * c[1] < m * n or c[3] < stages)]
+    candidates = [config] + ([] if explicit else smaller)
+    for i, cfg in enumerate(candidates):
         try:
             return launch(*cfg, **kwargs)
         except OutOfResources:
-            if explicit or cfg == _FALLBACKS[-1]:
+            if i == len(candidates) - 1:
                 raise
-    raise RuntimeError("attention kernel: no tile configuration fits this device")
 
 
 def _pairing(interleaved: bool, txt: Stream, img: Stream) -> bool:
@@ -541,6 +546,7 @@ def attention_bwd(do_img: torch.Tensor, do_txt: torch.Tensor, txt: Stream, img: 
     BM, BN, BH, BD = _config(d, dev, block_m, block_n, backward=True)
     warps = num_warps or 4
     stages = num_stages or (1 if dev.type != "cuda" else 2)
+    explicit = block_m is not None or block_n is not None  # asked-for tiles are not silently replaced
     # delta_i = rowsum(dO ∘ O), fp32 (B, H, N) with text positions first
     delta = torch.cat([(do_txt.float() * o_txt.float()).sum(-1), (do_img.float() * o_img.float()).sum(-1)], 1)
     delta = delta.transpose(1, 2).contiguous()
@@ -557,21 +563,27 @@ def attention_bwd(do_img: torch.Tensor, do_txt: torch.Tensor, txt: Stream, img: 
             if q_stream.q_weight is not None:
                 grads["dq_weight_" + name] = torch.zeros(d, device=dev, dtype=torch.float32)
             continue
-        n_blocks = triton.cdiv(q_stream.n, BM)
-        part = (torch.empty((B * H * n_blocks, 2, BH), device=dev, dtype=torch.float32)
-                if q_stream.q_weight is not None else dq)
         qf, s_qfb, s_qfn = q_stream.freq_args()
-        _attn_bwd_dq_kernel[(n_blocks, B * H)](
-            q_stream.q, q_stream.q_weight if q_stream.q_weight is not None else q_stream.q, qf, do, lse, delta, dq,
-            part, txt.k, txt.v, txt.k_weight if txt.k_weight is not None else txt.k, k1f, mask,
-            img.k, img.v, img.k_weight if img.k_weight is not None else img.k, k2f,
-            H, q_stream.n, N_txt, N_img, 0 if name == "txt" else N_txt, N, sm_scale, eps, d // 2, d, n_blocks,
-            *_bhnd(q_stream.q), s_qfb, s_qfn, *_bhnd(do), *_bhnd(dq),
-            *_bhnd(txt.k), *_bhnd(txt.v), s_k1fb, s_k1fn, s_mb, *_bhnd(img.k), *_bhnd(img.v), s_k2fb, s_k2fn,
-            Q_NORM=q_stream.q_weight is not None, Q_ROPE=q_stream.freqs is not None,
-            K1_NORM=txt.k_weight is not None, K1_ROPE=txt.freqs is not None, HAS_MASK1=txt.mask is not None,
-            K2_NORM=img.k_weight is not None, K2_ROPE=img.freqs is not None, INTERLEAVED=interleaved,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_HALF=BH, BLOCK_D=BD, PREC=prec, num_warps=warps, num_stages=stages)
+
+        def launch_dq(block_m, block_n, warps, stages):
+            n_blocks = triton.cdiv(q_stream.n, block_m)
+            part = (torch.empty((B * H * n_blocks, 2, BH), device=dev, dtype=torch.float32)
+                    if q_stream.q_weight is not None else dq)
+            _attn_bwd_dq_kernel[(n_blocks, B * H)](
+                q_stream.q, q_stream.q_weight if q_stream.q_weight is not None else q_stream.q, qf, do, lse, delta,
+                dq, part, txt.k, txt.v, txt.k_weight if txt.k_weight is not None else txt.k, k1f, mask,
+                img.k, img.v, img.k_weight if img.k_weight is not None else img.k, k2f,
+                H, q_stream.n, N_txt, N_img, 0 if name == "txt" else N_txt, N, sm_scale, eps, d // 2, d, n_blocks,
+                *_bhnd(q_stream.q), s_qfb, s_qfn, *_bhnd(do), *_bhnd(dq),
+                *_bhnd(txt.k), *_bhnd(txt.v), s_k1fb, s_k1fn, s_mb, *_bhnd(img.k), *_bhnd(img.v), s_k2fb, s_k2fn,
+                Q_NORM=q_stream.q_weight is not None, Q_ROPE=q_stream.freqs is not None,
+                K1_NORM=txt.k_weight is not None, K1_ROPE=txt.freqs is not None, HAS_MASK1=txt.mask is not None,
+                K2_NORM=img.k_weight is not None, K2_ROPE=img.freqs is not None, INTERLEAVED=interleaved,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_HALF=BH, BLOCK_D=BD, PREC=prec, num_warps=warps,
+                num_stages=stages)
+            return part
+
+        part = _with_fallback(launch_dq, (BM, BN, warps, stages), explicit, {})
         if q_stream.q_weight is not None:
             grads["dq_weight_" + name] = _pairs_to_channels(part.sum(0), d, interleaved)
     q1f, s_q1fb, s_q1fn = txt.freq_args()
@@ -584,24 +596,30 @@ def attention_bwd(do_img: torch.Tensor, do_txt: torch.Tensor, txt: Stream, img: 
             if kv.k_weight is not None:
                 grads["dk_weight_" + name] = torch.zeros(d, device=dev, dtype=torch.float32)
             continue
-        n_blocks = triton.cdiv(kv.n, BN)
-        part = (torch.empty((B * H * n_blocks, 2, BH), device=dev, dtype=torch.float32)
-                if kv.k_weight is not None else dk)
         kf, s_kfb, s_kfn = kv.freq_args()
         kv_mask = kv.mask is not None
-        _attn_bwd_dkdv_kernel[(n_blocks, B * H)](
-            kv.k, kv.v, kv.k_weight if kv.k_weight is not None else kv.k, kf, kv.mask if kv_mask else kv.k,
-            dk, dv, part,
-            txt.q, txt.q_weight if txt.q_weight is not None else txt.q, q1f, do_txt,
-            img.q, img.q_weight if img.q_weight is not None else img.q, q2f, do_img, lse, delta,
-            H, kv.n, N_txt, N_img, N, sm_scale, eps, d // 2, d, n_blocks,
-            *_bhnd(kv.k), *_bhnd(kv.v), s_kfb, s_kfn, kv.mask.stride(0) if kv_mask else 0,
-            *_bhnd(dk), *_bhnd(dv),
-            *_bhnd(txt.q), s_q1fb, s_q1fn, *_bhnd(do_txt), *_bhnd(img.q), s_q2fb, s_q2fn, *_bhnd(do_img),
-            K_NORM=kv.k_weight is not None, K_ROPE=kv.freqs is not None, HAS_MASK=kv_mask,
-            Q1_NORM=txt.q_weight is not None, Q1_ROPE=txt.freqs is not None,
-            Q2_NORM=img.q_weight is not None, Q2_ROPE=img.freqs is not None, INTERLEAVED=interleaved,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_HALF=BH, BLOCK_D=BD, PREC=prec, num_warps=warps, num_stages=stages)
+
+        def launch_dkdv(block_m, block_n, warps, stages):
+            n_blocks = triton.cdiv(kv.n, block_n)
+            part = (torch.empty((B * H * n_blocks, 2, BH), device=dev, dtype=torch.float32)
+                    if kv.k_weight is not None else dk)
+            _attn_bwd_dkdv_kernel[(n_blocks, B * H)](
+                kv.k, kv.v, kv.k_weight if kv.k_weight is not None else kv.k, kf, kv.mask if kv_mask else kv.k,
+                dk, dv, part,
+                txt.q, txt.q_weight if txt.q_weight is not None else txt.q, q1f, do_txt,
+                img.q, img.q_weight if img.q_weight is not None else img.q, q2f, do_img, lse, delta,
+                H, kv.n, N_txt, N_img, N, sm_scale, eps, d // 2, d, n_blocks,
+                *_bhnd(kv.k), *_bhnd(kv.v), s_kfb, s_kfn, kv.mask.stride(0) if kv_mask else 0,
+                *_bhnd(dk), *_bhnd(dv),
+                *_bhnd(txt.q), s_q1fb, s_q1fn, *_bhnd(do_txt), *_bhnd(img.q), s_q2fb, s_q2fn, *_bhnd(do_img),
+                K_NORM=kv.k_weight is not None, K_ROPE=kv.freqs is not None, HAS_MASK=kv_mask,
+                Q1_NORM=txt.q_weight is not None, Q1_ROPE=txt.freqs is not None,
+                Q2_NORM=img.q_weight is not None, Q2_ROPE=img.freqs is not None, INTERLEAVED=interleaved,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_HALF=BH, BLOCK_D=BD, PREC=prec, num_warps=warps,
+                num_stages=stages)
+            return part
+
+        part = _with_fallback(launch_dkdv, (BM, BN, warps, stages), explicit, {})
         if kv.k_weight is not None:
             grads["dk_weight_" + name] = _pairs_to_channels(part.sum(0), d, interleaved)
     return grads

@@ -218,3 +218,71 @@ def test_measuring_the_paths_leaves_the_global_rng_alone():
     assert _measure_paths(q, None, False) in ("kernel", "sdpa")
     assert _measure_paths(q, q[:, :5], True) in ("kernel", "prepass", "sdpa")
     assert torch.equal(torch.cuda.get_rng_state(), cuda_state) and torch.equal(torch.get_rng_state(), cpu_state)
+
+
+def test_tile_fallback_takes_the_first_configuration_that_fits():
+    from triton.runtime.errors import OutOfResources
+
+    from fastdit.kernels.attention import _FALLBACKS, _with_fallback
+
+    tried = []
+
+    def launch(block_m, block_n, warps, stages, **kwargs):
+        tried.append((block_m, block_n, warps, stages))
+        if block_m * block_n > 64 * 32:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        return "ran", kwargs
+
+    assert _with_fallback(launch, (128, 128, 8, 3), False, {"x": 1}) == ("ran", {"x": 1})
+    assert tried == [(128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 1)]
+    tried.clear()
+    with pytest.raises(OutOfResources):  # tiles asked for explicitly are never replaced
+        _with_fallback(launch, (128, 128, 8, 3), True, {})
+    assert tried == [(128, 128, 8, 3)]
+    with pytest.raises(OutOfResources):  # nothing fits: the last error is raised
+        _with_fallback(lambda *a: launch(256, 256, 8, 3), (128, 128, 8, 3), False, {})
+    assert (32, 32, 4, 1) == _FALLBACKS[-1]
+
+
+def test_backward_falls_back_to_smaller_tiles_when_out_of_resources(monkeypatch, device):
+    """Both backward kernels retry with smaller tiles (and re-sized partial sums) when a launch runs out
+    of shared memory: simulated here by refusing 64 × 64 tiles."""
+    from triton.runtime.errors import OutOfResources
+
+    import fastdit.kernels.attention as kernels
+
+    class Refusing:
+        def __init__(self, kernel):
+            self.kernel, self.refused = kernel, 0
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                if kwargs["BLOCK_M"] * kwargs["BLOCK_N"] >= 64 * 64:
+                    self.refused += 1
+                    raise OutOfResources(300_000, 232_448, "shared memory")
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    real_config = kernels._config
+    monkeypatch.setattr(kernels, "_config", lambda d, dev, bm, bn, backward: real_config(
+        d, dev, bm or (64 if backward else None), bn or (64 if backward else None), backward))
+    dq_kernel, dkdv_kernel = Refusing(kernels._attn_bwd_dq_kernel), Refusing(kernels._attn_bwd_dkdv_kernel)
+    monkeypatch.setattr(kernels, "_attn_bwd_dq_kernel", dq_kernel)
+    monkeypatch.setattr(kernels, "_attn_bwd_dkdv_kernel", dkdv_kernel)
+    B, H, d = 2, 2, 64
+    (qi, ki, vi), (qt, kt, vt) = _inputs(B, 40, 9, H, d, torch.float32, device)
+    weights = [(torch.rand(d, device=device) + 0.5).requires_grad_() for _ in range(4)]
+    lengths = torch.tensor([9, 4], device=device)
+
+    def fn(*tensors, backend):
+        return joint_attention_qk(*tensors[:6], lengths, q_weight=tensors[6], k_weight=tensors[7],
+                                  txt_q_weight=tensors[8], txt_k_weight=tensors[9], backend=backend)
+
+    inputs = [qi, ki, vi, qt, kt, vt, *weights]
+    cot = [torch.randn_like(o) for o in fn(*inputs, backend="reference")]
+    cot[1] = cot[1] * _rows_mask(lengths, 9, "bnhd", torch.float32)
+    ours = _run(lambda *a: fn(*a, backend="triton"), inputs, cot)
+    ref = _run(lambda *a: fn(*a, backend="reference"), inputs, cot)
+    assert dq_kernel.refused == 2 and dkdv_kernel.refused == 2  # one refusal per stream, then a fallback
+    for g, r in zip(ours[1], ref[1]):
+        torch.testing.assert_close(g, r, rtol=2e-3, atol=2e-3)
