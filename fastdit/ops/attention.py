@@ -557,6 +557,9 @@ def attention_path(q_img: Tensor, q_txt: Optional[Tensor] = None, *, fused_qk: b
         return "sdpa"
     if chosen == "triton":
         return "kernel"
+    if _path_override is not None and _path_override not in ATTENTION_PATHS:  # a typo must not go unnoticed
+        raise ValueError(f"FASTDIT_ATTENTION_PATH must be one of {', '.join(ATTENTION_PATHS)} (or unset), "
+                         f"got {_path_override!r}")
     if not (KERNEL_READY and q_img.is_cuda) or triton_unsupported_reason(q_img) is not None:
         return "sdpa"
     if _path_override is not None:

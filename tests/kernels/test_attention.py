@@ -204,6 +204,10 @@ def test_attention_path_follows_the_backend_and_the_override(device):
             assert attention_path(q, backend="auto", fused_qk=True) == "prepass"
         with pytest.raises(ValueError, match="attention path"):
             set_attention_path("fast")
+        import fastdit.ops.attention as attention_ops
+        attention_ops._path_override = "kernal"  # as a mistyped FASTDIT_ATTENTION_PATH leaves it
+        with pytest.raises(ValueError, match="FASTDIT_ATTENTION_PATH must be one of"):
+            attention_path(q, backend="auto")
     finally:
         set_attention_path(None)
 
