@@ -5,8 +5,9 @@ signature) · ``torch.ops.fastdit.<op>`` (a ``torch.library`` op with a fake imp
 torch.compile traces without a graph break) · ``<op>(…, backend=None)`` (the entry point that picks).
 """
 from fastdit.ops.adaln import adaln_modulate, adaln_modulate_backward_ref, adaln_modulate_ref
-from fastdit.ops.attention import (attention_path, joint_attention, joint_attention_qk, joint_attention_ref,
-                                   joint_attention_sdpa, set_attention_path)
+from fastdit.ops.attention import (attention_path, attention_path_choices, joint_attention, joint_attention_qk,
+                                   joint_attention_ref, joint_attention_sdpa, set_attention_path,
+                                   set_attention_path_choices)
 from fastdit.ops.gated_adaln import (gated_residual_adaln, gated_residual_adaln_backward_ref,
                                      gated_residual_adaln_ref)
 from fastdit.ops.qk_norm_rotary import qk_norm_rope, qk_norm_rope_ref
@@ -20,5 +21,5 @@ __all__ = [
     "rope", "rope_", "rope_ref", "rope_freqs", "rope_freqs_1d", "rope_freqs_2d",
     "qk_norm_rope", "qk_norm_rope_ref",
     "joint_attention", "joint_attention_qk", "joint_attention_ref", "joint_attention_sdpa",
-    "attention_path", "set_attention_path",
+    "attention_path", "set_attention_path", "attention_path_choices", "set_attention_path_choices",
 ]

@@ -487,7 +487,7 @@ def _fast_call(qi, ki, vi, qt, kt, vt, mask, img_freqs, txt_freqs, qwi, kwi, qwt
 
 ATTENTION_PATHS = ("kernel", "prepass", "sdpa")
 _path_override: Optional[str] = os.environ.get("FASTDIT_ATTENTION_PATH") or None
-_path_cache: Dict[tuple, str] = {}
+_path_cache: Dict[str, str] = {}
 
 
 def set_attention_path(path: Optional[str]) -> None:
@@ -498,9 +498,24 @@ def set_attention_path(path: Optional[str]) -> None:
     _path_override = path
 
 
-def _path_key(qi: Tensor, qt: Optional[Tensor], fused: bool) -> tuple:
+def _path_key(qi: Tensor, qt: Optional[Tensor], fused: bool) -> str:
+    """"B,N_img,N_txt,H,d,dtype,fused" — plain text, so that choices travel in checkpoints and between ranks."""
     B, N_img, H, d = qi.shape
-    return (B, N_img, 0 if qt is None else qt.shape[1], H, d, qi.dtype, fused, qi.device.index)
+    return f"{B},{N_img},{0 if qt is None else qt.shape[1]},{H},{d},{str(qi.dtype).replace('torch.', '')},{int(fused)}"
+
+
+def attention_path_choices() -> Dict[str, str]:
+    """The paths ``"auto"`` has measured and chosen so far in this process, by shape (see :func:`_path_key`)."""
+    return dict(_path_cache)
+
+
+def set_attention_path_choices(choices: Dict[str, str]) -> None:
+    """Adopt earlier choices (another rank's, a checkpoint's): those shapes then take them without
+    measuring. The trainer uses this so that every rank, and a resumed run, runs the same paths."""
+    for key, path in choices.items():
+        if path not in ATTENTION_PATHS or not isinstance(key, str) or key.count(",") != 6:
+            raise ValueError(f"not an attention path choice: {key!r} -> {path!r}")
+    _path_cache.update(choices)
 
 
 def _measure_paths(qi: Tensor, qt: Optional[Tensor], fused: bool) -> str:

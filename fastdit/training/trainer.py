@@ -36,6 +36,7 @@ from torch import nn
 
 from fastdit.data.base import StatefulDataset
 from fastdit.data.prefetch import Prefetcher
+from fastdit.ops.attention import attention_path_choices, set_attention_path_choices
 from fastdit.training.checkpoint import CheckpointManager, load_state, resolve_checkpoint
 from fastdit.training.config import TrainConfig
 from fastdit.training.distributed import DistInfo, all_gather_objects, barrier, init_distributed, shutdown
@@ -233,6 +234,8 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"]
             loss, grad_norm, skipped = self._train_step(step, next(data))
             self.step = step
+            if step == start + 1:
+                self._agree_on_dispatch()
             interval.add(loss, grad_norm, skipped)
             last_loss = loss
             if self._bar is not None:
@@ -317,6 +320,12 @@ class Trainer:
         self.scheduler.step()
         return values[world] / world, float(grad_norm), False
 
+    def _agree_on_dispatch(self) -> None:
+        """Every rank adopts rank 0's measured attention paths (``backend="auto"`` times them per process:
+        ranks, and a resumed run, could otherwise pick differently). Collective; after the first step of a
+        fit and before each checkpoint, which stores them for a resume."""
+        set_attention_path_choices(all_gather_objects(attention_path_choices(), self.dist)[0])
+
     def _grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the gradients (clipping them when ``optim.grad_clip > 0``), float32."""
         clip = self.config.optim.grad_clip
@@ -370,6 +379,7 @@ class Trainer:
         model_sd = clean_state_dict(get_model_state_dict(self.model, options=opts))
         optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
         ema_sd = self.ema.state_dict() if self.ema is not None else None
+        self._agree_on_dispatch()
         rngs = all_gather_objects(get_rng_state(self.device), self.dist)
         # the position after the last batch trained on (a prefetcher's dataset has drawn further)
         position = self._prefetcher.position if self._prefetcher is not None else self.dataset.state_dict()
@@ -379,6 +389,7 @@ class Trainer:
             state = {"format": 1, "step": step, "model": model_sd, "optimizer": optim_sd,
                      "scheduler": self.scheduler.state_dict(), "ema": ema_sd, "rng": rngs, "data": positions,
                      "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
+                     "attention_paths": attention_path_choices(),
                      "world_size": self.dist.world_size, "config": self.config.to_json()}
             exports = None
             if self.config.checkpoint.safetensors:
@@ -439,6 +450,7 @@ class Trainer:
                 warnings.warn(f"checkpoint {path} has no EMA; the EMA starts from the loaded weights")
                 self.ema = EMA(self.model, self.config.ema.decay, self.config.ema.warmup)
         self.dataset.load_state_dict(state["data"][self.dist.rank])
+        set_attention_path_choices(state.get("attention_paths", {}))
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive_skips = int(state.get("consecutive_skips", 0))

@@ -209,3 +209,20 @@ def test_compile_per_block_trains_and_checkpoints_interchange(toy, tmp_path):
     assert plain.resumed_from.endswith("step_000000004") and plain.step == 6
     losses = _losses(tmp_path)
     assert len(losses) == 6 and all(v is not None for v in losses)
+
+
+def test_measured_attention_paths_are_checkpointed_and_restored(toy, tmp_path, monkeypatch):
+    """backend="auto" times attention paths per process: the trainer stores rank 0's choices in each
+    checkpoint and a resumed run adopts them, so it runs the same kernels as the run it continues."""
+    import fastdit.ops.attention as attention_ops
+
+    monkeypatch.setattr(attention_ops, "_path_cache", {})
+    choice = {"2,16,0,2,64,bfloat16,1": "prepass"}
+    attention_ops.set_attention_path_choices(choice)
+    _fit(toy, toy.toy_config(tmp_path, **{"run.max_steps": 4, "checkpoint.every": 4}))
+    assert load_state(str(tmp_path / "checkpoints" / "step_000000004"))["attention_paths"] == choice
+    attention_ops._path_cache.clear()  # a new process
+    _fit(toy, toy.toy_config(tmp_path, **{"run.max_steps": 6}))
+    assert attention_ops.attention_path_choices() == choice
+    with pytest.raises(ValueError, match="not an attention path choice"):
+        attention_ops.set_attention_path_choices({"2,16,0,2,64,bfloat16,1": "fast"})
