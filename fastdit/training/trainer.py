@@ -232,10 +232,13 @@ class Trainer:
         tick, paused = time.perf_counter(), 0.0
         for step in range(start + 1, cfg.run.max_steps + 1):
             lr = self.optimizer.param_groups[0]["lr"]
-            loss, grad_norm, skipped = self._train_step(step, next(data))
-            self.step = step
+            batch = next(data)
             if step == start + 1:
-                self._agree_on_dispatch()
+                if self._needs_dispatch_warmup():
+                    self._warm_up_dispatch(batch)
+                self._agree_on_dispatch()  # before the first step traces (compile) or runs them
+            loss, grad_norm, skipped = self._train_step(step, batch)
+            self.step = step
             interval.add(loss, grad_norm, skipped)
             last_loss = loss
             if self._bar is not None:
@@ -320,10 +323,27 @@ class Trainer:
         self.scheduler.step()
         return values[world] / world, float(grad_norm), False
 
+    def _needs_dispatch_warmup(self) -> bool:
+        return self.config.run.compile and self.device.type == "cuda" and hasattr(torch.compiler, "set_stance")
+
+    def _warm_up_dispatch(self, batch: Dict[str, Any]) -> None:
+        """One eager forward (no grad) of the first batch, so that fastdit's ``"auto"`` ops measure their
+        per-shape choices before torch.compile traces the blocks (a traced, unmeasured attention shape
+        takes SDPA). Every RNG is restored afterwards: the run is the one it would be without this."""
+        state = get_rng_state(self.device)
+        batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        try:
+            with torch.compiler.set_stance("force_eager"), torch.no_grad(), torch.autocast(
+                    self.device.type, dtype=self.autocast_dtype or torch.float32,
+                    enabled=self.autocast_dtype is not None):
+                self.task.loss(self.model, batch)
+        finally:
+            set_rng_state(state, self.device)
+
     def _agree_on_dispatch(self) -> None:
         """Every rank adopts rank 0's measured attention paths (``backend="auto"`` times them per process:
-        ranks, and a resumed run, could otherwise pick differently). Collective; after the first step of a
-        fit and before each checkpoint, which stores them for a resume."""
+        ranks, and a resumed run, could otherwise pick differently). Collective; before the first step of
+        a fit and before each checkpoint, which stores them for a resume."""
         set_attention_path_choices(all_gather_objects(attention_path_choices(), self.dist)[0])
 
     def _grad_norm(self) -> torch.Tensor:

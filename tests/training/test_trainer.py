@@ -226,3 +226,16 @@ def test_measured_attention_paths_are_checkpointed_and_restored(toy, tmp_path, m
     assert attention_ops.attention_path_choices() == choice
     with pytest.raises(ValueError, match="not an attention path choice"):
         attention_ops.set_attention_path_choices({"2,16,0,2,64,bfloat16,1": "fast"})
+
+
+def test_the_dispatch_warm_up_changes_nothing_in_the_run(toy, tmp_path, monkeypatch):
+    """Before compiled training on a GPU, one eager no-grad forward lets "auto" measure its choices; it
+    draws from the RNGs (noise, t, label dropout) and must restore them: same losses, bit for bit."""
+    _fit(toy, toy.toy_config(tmp_path / "plain", **{"run.max_steps": 5}))
+    calls = []
+    real = Trainer._warm_up_dispatch
+    monkeypatch.setattr(Trainer, "_needs_dispatch_warmup", lambda self: True)
+    monkeypatch.setattr(Trainer, "_warm_up_dispatch", lambda self, batch: calls.append(1) or real(self, batch))
+    _fit(toy, toy.toy_config(tmp_path / "warm", **{"run.max_steps": 5}))
+    assert calls == [1]
+    assert _losses(tmp_path / "warm") == _losses(tmp_path / "plain")
