@@ -530,14 +530,10 @@ def _measure_paths(qi: Tensor, qt: Optional[Tensor], fused: bool) -> str:
     make = lambda n: torch.randn(B, n, H, d, device=dev, dtype=dt, generator=gen).requires_grad_()  # noqa: E731
     img = [make(N_img) for _ in range(3)]
     txt = [make(N_txt) for _ in range(3)] if N_txt else [None] * 3
-    extra = {}
+    extras = (None,) * 6  # img_freqs, txt_freqs, q_weight, k_weight, txt_q_weight, txt_k_weight
     if fused:
         w = [torch.ones(d, device=dev, requires_grad=True) for _ in range(4)]
-        extra = dict(q_weight=w[0], k_weight=w[1], txt_q_weight=w[2] if N_txt else None,
-                     txt_k_weight=w[3] if N_txt else None,
-                     img_freqs=torch.zeros(N_img, d // 2, 2, device=dev))
-    extras = (extra.get("img_freqs"), None, extra.get("q_weight"), extra.get("k_weight"), extra.get("txt_q_weight"),
-              extra.get("txt_k_weight"))
+        extras = (torch.zeros(N_img, d // 2, 2, device=dev), None, w[0], w[1], *(w[2:] if N_txt else (None, None)))
     scale = 1.0 / math.sqrt(d)
     times = {}
     for path in (ATTENTION_PATHS if fused else ("kernel", "sdpa")):

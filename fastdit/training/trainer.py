@@ -202,7 +202,6 @@ class Trainer:
                              "checkpoint": self.resumed_from})
         self._bar = self._progress_bar(start)
         flops, tokens = task_flops_per_sample(self.task), task_tokens_per_sample(self.task)
-        last_loss = None
         if cfg.data.prefetch:
             self._prefetcher = Prefetcher(self.dataset, cfg.data.prefetch, pin_memory=self.device.type == "cuda",
                                           device=self.device)
@@ -232,7 +231,8 @@ class Trainer:
         tick, paused = time.perf_counter(), 0.0
         for step in range(start + 1, cfg.run.max_steps + 1):
             lr = self.optimizer.param_groups[0]["lr"]
-            batch = next(data)
+            batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
+                     for k, v in next(data).items()}
             if step == start + 1:
                 if self._needs_dispatch_warmup():
                     self._warm_up_dispatch(batch)
@@ -276,12 +276,9 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------------------
     def _train_step(self, step: int, batch: Dict[str, Any]):
-        """Forward, backward, agreed non-finite check, update. Returns (mean loss over ranks or None,
-        grad norm or None, skipped)."""
-        batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
-            loss = self.task.loss(self.model, batch)
+        """Forward, backward, agreed non-finite check, update of a batch on the device. Returns (mean loss
+        over ranks or None, grad norm or None, skipped)."""
+        loss = self._loss(batch)
         if not torch.is_tensor(loss) or loss.dim() != 0:
             raise TypeError(f"task.loss must return a scalar tensor, got {type(loss).__name__} "
                             f"{tuple(getattr(loss, 'shape', ()))}")
@@ -331,14 +328,17 @@ class Trainer:
         per-shape choices before torch.compile traces the blocks (a traced, unmeasured attention shape
         takes SDPA). Every RNG is restored afterwards: the run is the one it would be without this."""
         state = get_rng_state(self.device)
-        batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         try:
-            with torch.compiler.set_stance("force_eager"), torch.no_grad(), torch.autocast(
-                    self.device.type, dtype=self.autocast_dtype or torch.float32,
-                    enabled=self.autocast_dtype is not None):
-                self.task.loss(self.model, batch)
+            with torch.compiler.set_stance("force_eager"), torch.no_grad():
+                self._loss(batch)
         finally:
             set_rng_state(state, self.device)
+
+    def _loss(self, batch: Dict[str, Any]) -> Any:
+        """``task.loss`` of the training model under the run's autocast."""
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            return self.task.loss(self.model, batch)
 
     def _agree_on_dispatch(self) -> None:
         """Every rank adopts rank 0's measured attention paths (``backend="auto"`` times them per process:
