@@ -70,3 +70,20 @@ def resolve_backend(requested: Optional[str]) -> str:
     if requested is None:
         return _state.default
     return _validate(requested, "backend")
+
+
+def pick_device(name: str):
+    """A ``torch.device`` from a command-line style name: ``"auto"`` is CUDA when available, else the CPU;
+    anything else is a torch device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``). A CUDA device without
+    CUDA, or a name torch does not know, is a ``ValueError`` saying so."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+    return device

@@ -15,15 +15,7 @@ from typing import List, Optional
 import torch
 
 import fastdit
-from fastdit.backend import BACKENDS, get_backend, use_backend
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"fastdit: --device {name} asked for, but CUDA is not available here")
-    return torch.device(name)
+from fastdit.backend import BACKENDS, get_backend, pick_device, use_backend
 
 
 def op_paths(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -56,7 +48,10 @@ def op_paths(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    device = _device(args.device)
+    try:
+        device = pick_device(args.device)
+    except ValueError as err:
+        raise SystemExit(f"fastdit: --device: {err}") from None
     try:
         import triton
         triton_version = triton.__version__

@@ -60,3 +60,15 @@ def test_set_module_backend_reaches_every_fastdit_module():
 
 def test_package_exports():
     assert fastdit.BACKENDS == ("auto", "triton", "reference")
+
+
+def test_pick_device_names_what_is_wrong():
+    from fastdit.backend import pick_device
+
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        pick_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            pick_device("cuda:1")

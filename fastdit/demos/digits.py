@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastdit.backend import pick_device
+
 CLASS_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 CAPTION_TEMPLATES = ["a handwritten {w}", "the digit {w}", "a {w} written by hand", "number {w}"]
 
@@ -279,16 +281,6 @@ def evaluate(train_images, train_labels, held_images, held_labels, samples, samp
 
 # ---------------------------------------------------------------------------------------------- the job
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but CUDA is not available")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
-
-
 def _caption_encoder(device: torch.device):
     from fastdit.text import CaptionEncoder
 
@@ -305,7 +297,7 @@ def run(cfg: DigitsDemoConfig) -> Dict[str, Any]:
 
     if cfg.mode not in ("class", "captions"):
         raise ValueError(f"mode must be 'class' or 'captions', got {cfg.mode!r}")
-    device = _device(cfg.device)
+    device = pick_device(cfg.device)
     os.makedirs(cfg.out_dir, exist_ok=True)
     started = time.perf_counter()
     images, labels = load_digit_images(cfg.image_size)

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastdit.backend import pick_device
 from fastdit.data import StatefulDataset, SyntheticLatents, TensorDictDataset, derive_seed
 from fastdit.training.config import ConfigError, TrainConfig
 
@@ -639,14 +640,6 @@ def _step_of(checkpoint: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for, but CUDA is not available here")
-    return torch.device(name)
-
-
 def _save_npz(path: str, **arrays) -> None:
     tmp = path + ".tmp"
     with open(tmp, "wb") as fh:
@@ -672,7 +665,7 @@ def main_sample(argv: Optional[Sequence[str]] = None, prog: str = "fastdit sampl
     try:
         ckpt = resolve_checkpoint(args.checkpoint)
         config = TrainConfig.from_json(os.path.join(ckpt, CONFIG_FILE))
-        device = _device(args.device)
+        device = pick_device(args.device)
         model = build_model(config)
         objective = build_objective(config, model)
         sampler = check_sampler(objective, args.sampler or default_sampler(objective))
