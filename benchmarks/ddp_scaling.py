@@ -7,12 +7,15 @@ Runs ``torchrun --standalone -m fastdit.cli train`` (NCCL DDP, bf16, per-block c
 
 - ``1gpu_b``: one GPU, per-rank batch b;  ``Ngpu_b``: N GPUs, per-rank batch b (global N·b);
 - ``1gpu_Nb``: one GPU, batch N·b (the same global batch as ``Ngpu_b``), and ``1gpu_Nb_seed1``, the same
-  with another seed: the run-to-run noise the DDP curve is judged against.
+  with another seed: the run-to-run noise the DDP curve is judged against;
+- on request (``--runs``): ``Ngpu_b_nosplit`` (compiled blocks not split at DDP buckets, so both GPU
+  counts run the same kernels), ``Ngpu_b_eager`` and ``1gpu_Nb_eager`` (no compile).
 
 Throughput is the trainer's own step times (``logging.every=1``) after ``--warmup-steps`` steps
 (compilation, warm-up). Scaling efficiency = images/s(N GPUs) / (N × images/s(1 GPU)), same per-GPU batch. The loss
 comparison uses per-step losses (mean over ranks) smoothed over windows of ``--window`` steps: the mean
-absolute gap between ``Ngpu_b`` and ``1gpu_Nb`` next to the gap between the two seeds of ``1gpu_Nb``.
+absolute gap between ``Ngpu_b`` and ``1gpu_Nb`` next to the gap between the two seeds of ``1gpu_Nb``,
+and the step at which each run leaves the early loss plateau (``plateau_exit``).
 Writes ``ddp_scaling.json`` (and ``ddp_loss.png``) to ``--out``.
 """
 from __future__ import annotations
@@ -24,22 +27,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def run_training(name: str, gpus: int, batch: int, seed: int, args, out: Path) -> Dict:
+def run_training(name: str, gpus: int, batch: int, seed: int, args, out: Path, *, compile: bool = True,
+                 ddp_split: bool = True) -> Dict:
     run_dir = out / name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
            "-m", "fastdit.cli", "train", "--output-dir", str(run_dir), "--max-steps", str(args.steps),
-           "--seed", str(seed), "--resume", "none", "--compile" if args.compile else "--no-compile",
+           "--seed", str(seed), "--resume", "none", "--compile" if compile else "--no-compile",
            "--set", f"model.name={args.model}", "--set", f"data.batch_size={batch}",
            "--set", "data.latent_shape=4,32,32", "--set", "logging.every=1",
            "--set", "logging.progress_bar=false", "--set", "logging.tensorboard=false",
-           "--set", "checkpoint.every=0", "--set", "checkpoint.save_final=false", "--set", f"run.device={args.device}"]
+           "--set", "checkpoint.every=0", "--set", "checkpoint.save_final=false", "--set", f"run.device={args.device}",
+           "--set", f"run.compile_ddp_split={str(ddp_split).lower()}"]
     if args.data_prefetch is not None:
         cmd += ["--set", f"data.prefetch={args.data_prefetch}"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
@@ -60,13 +65,15 @@ def run_training(name: str, gpus: int, batch: int, seed: int, args, out: Path) -
     times = sorted(1e3 * r["step_time_s"] for r in rates)
     spread = {f"step_ms_p{q}": times[min(len(times) - 1, int(q / 100 * len(times)))] for q in (10, 50, 90)}
     row = {"name": name, "gpus": gpus, "batch_per_gpu": batch, "global_batch": gpus * batch, "seed": seed,
+           "compile": compile, "ddp_split": ddp_split, "plateau_exit_step": plateau_exit(losses, args.window),
            "images_per_s": img_s, "step_ms": 1e3 * gpus * batch / img_s, "mfu": rates[-1].get("mfu"),
            **spread, "peak_mem_gb": max(r.get("peak_mem_gb", 0.0) for r in rates), "wall_s": wall,
            "omp_num_threads": env.get("OMP_NUM_THREADS", "torchrun's default"),
            "loss": [losses[s] for s in sorted(losses)]}
     print(f"{name:16s} {gpus} GPU × {batch:4d}: {img_s:8.1f} img/s ({row['step_ms']:.1f} ms/step; p10/p50/p90 "
           f"{spread['step_ms_p10']:.1f}/{spread['step_ms_p50']:.1f}/{spread['step_ms_p90']:.1f}), "
-          f"final loss {row['loss'][-1]:.4f}, wall {wall:.0f}s", flush=True)
+          f"final loss {row['loss'][-1]:.4f}, leaves the plateau at step {row['plateau_exit_step']}, "
+          f"wall {wall:.0f}s", flush=True)
     return row
 
 
@@ -77,6 +84,17 @@ def gaussian_floor(samples: int = 10**7) -> float:
     learn sits here; a curve above it is still learning."""
     t = torch.sigmoid(torch.randn(samples, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
     return float((2 - (2 * t - 1) ** 2 / ((1 - t) ** 2 + t ** 2)).mean())
+
+
+def plateau_exit(losses: Dict[int, float], window: int, level: float = 1.80) -> Optional[int]:
+    """The first step from which the mean loss over the next ``window`` steps is below ``level``: halfway
+    between the early plateau these runs share (~1.87) and the Gaussian floor (1.741). None if the run
+    never gets there."""
+    steps = sorted(losses)
+    for i in range(len(steps) - window + 1):
+        if sum(losses[s] for s in steps[i:i + window]) / window < level:
+            return steps[i]
+    return None
 
 
 def smooth(values: List[float], window: int) -> List[float]:
@@ -109,6 +127,34 @@ def plot(curves: Dict[str, List[float]], window: int, path: Path) -> None:
     img.save(path)
 
 
+def run_specs(N: int, b: int) -> Dict[str, tuple]:
+    """name (N stands for the GPU count) -> (gpus, batch per GPU, seed, run_training options). ``compile``
+    follows --compile except in the ``_eager`` runs; ``_nosplit`` keeps each compiled block one graph
+    under DDP (``run.compile_ddp_split=false``)."""
+    return {"1gpu_b": (1, b, 0, {}), "Ngpu_b": (N, b, 0, {}), "1gpu_Nb": (1, N * b, 0, {}),
+            "1gpu_Nb_seed1": (1, N * b, 1, {}), "Ngpu_b_nosplit": (N, b, 0, {"ddp_split": False}),
+            "Ngpu_b_eager": (N, b, 0, {"compile": False}), "1gpu_Nb_eager": (1, N * b, 0, {"compile": False})}
+
+
+def summarize(runs: Dict[str, Dict], N: int, window: int) -> Dict:
+    """Scaling efficiency of each N-GPU run against ``1gpu_b`` (same per-GPU batch, same compile
+    setting), and the mean absolute gap between smoothed loss curves of the pairs that should match."""
+    out: Dict = {"loss_floor_gaussian_latents": gaussian_floor(), "smoothing_window_steps": window,
+                 "final_window_loss": {r["name"]: smooth(r["loss"], window)[-1] for r in runs.values()},
+                 "plateau_exit_step": {r["name"]: r["plateau_exit_step"] for r in runs.values()}}
+    one = runs.get("1gpu_b")
+    for name, r in runs.items():
+        if one and r["gpus"] == N and N > 1 and r["compile"]:
+            out[f"scaling_efficiency_{r['name']}"] = r["images_per_s"] / (N * one["images_per_s"])
+    pairs = [("Ngpu_b", "1gpu_Nb"), ("1gpu_Nb_seed1", "1gpu_Nb"), ("Ngpu_b_nosplit", "1gpu_Nb"),
+             ("Ngpu_b_eager", "1gpu_Nb_eager")]
+    for a, b in pairs:
+        if a in runs and b in runs:
+            ca, cb = smooth(runs[a]["loss"], window), smooth(runs[b]["loss"], window)
+            out[f"loss_gap_{runs[a]['name']}_vs_{runs[b]['name']}"] = mean_abs_gap(ca, cb)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", type=int, default=2)
@@ -121,6 +167,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a gloo smoke run")
     parser.add_argument("--omp-threads", type=int, default=0, help="OMP_NUM_THREADS per rank (0: torchrun's choice)")
     parser.add_argument("--data-prefetch", type=int, default=None, help="data.prefetch (default: the trainer's)")
+    parser.add_argument("--runs", nargs="+", default=["1gpu_b", "Ngpu_b", "1gpu_Nb", "1gpu_Nb_seed1"],
+                        help="which runs, in order (see run_specs; N stands for --gpus)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.device == "cuda" and torch.cuda.device_count() < args.gpus:
@@ -128,31 +176,28 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     N, b = args.gpus, args.batch
-    runs = [run_training("1gpu_b", 1, b, 0, args, out), run_training(f"{N}gpu_b", N, b, 0, args, out),
-            run_training(f"1gpu_{N}b", 1, N * b, 0, args, out),
-            run_training(f"1gpu_{N}b_seed1", 1, N * b, 1, args, out)]
-    one, many, big, big2 = runs
-    curves = {r["name"]: smooth(r["loss"], args.window) for r in runs[1:]}
-    skip = len(curves[many["name"]]) // 4  # the first quarter falls fast: compare the rest
-    ddp_gap = mean_abs_gap(curves[many["name"]][skip:], curves[big["name"]][skip:])
-    seed_gap = mean_abs_gap(curves[big2["name"]][skip:], curves[big["name"]][skip:])
-    summary = {"scaling_efficiency": many["images_per_s"] / (N * one["images_per_s"]),
-               "final_window_loss": {r["name"]: smooth(r["loss"], args.window)[-1] for r in runs},
-               "loss_floor_gaussian_latents": gaussian_floor(),
-               "loss_gap_ddp_vs_single": ddp_gap, "loss_gap_seed_vs_seed": seed_gap,
-               "smoothing_window_steps": args.window, "compared_from_step": skip * args.window}
-    record = {"benchmark": "ddp_scaling", "model": args.model, "steps": args.steps, "compile": args.compile,
-              "omp_threads": args.omp_threads or None, "data_prefetch": args.data_prefetch,
-              "gpus": N, "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
-              "torch": torch.__version__,
-              "summary": summary, "runs": runs, "curves": curves}
-    try:
-        from harness import environment
-        record = {**environment(), **record}
-    except Exception as err:  # the record is still useful without the environment block
-        record["environment_error"] = repr(err)
-    (out / "ddp_scaling.json").write_text(json.dumps(record, indent=1) + "\n")
-    plot(curves, args.window, out / "ddp_loss.png")
+    specs = run_specs(N, b)
+    unknown = [name for name in args.runs if name not in specs]
+    if unknown:
+        parser.error(f"unknown run(s) {unknown}; choose from {list(specs)}")
+    runs: Dict[str, Dict] = {}
+    for name in args.runs:  # the record is rewritten after every run: a cut-off session keeps what finished
+        gpus, batch, seed, options = specs[name]
+        options = {"compile": args.compile, **options}
+        runs[name] = run_training(name.replace("N", str(N)), gpus, batch, seed, args, out, **options)
+        summary = summarize(runs, N, args.window)
+        curves = {r["name"]: smooth(r["loss"], args.window) for r in runs.values()}
+        record = {"benchmark": "ddp_scaling", "model": args.model, "steps": args.steps,
+                  "omp_threads": args.omp_threads or None, "data_prefetch": args.data_prefetch,
+                  "gpus": N, "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+                  "torch": torch.__version__, "summary": summary, "runs": list(runs.values()), "curves": curves}
+        try:
+            from harness import environment
+            record = {**environment(), **record}
+        except Exception as err:  # the record is still useful without the environment block
+            record["environment_error"] = repr(err)
+        (out / "ddp_scaling.json").write_text(json.dumps(record, indent=1) + "\n")
+        plot(curves, args.window, out / "ddp_loss.png")
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -42,6 +42,10 @@ class RunConfig:
     precision: ``bf16`` (autocast to bfloat16, fp32 weights) or ``fp32``.
     compile: ``torch.compile`` each element of ``model.blocks`` with ``fullgraph=True`` (in place, so
         parameter names do not change).
+    compile_ddp_split: with compile under DDP, let dynamo's DDPOptimizer split each compiled block at
+        gradient-bucket boundaries (torch's default) so all-reduce can start inside a block's backward.
+        False keeps every block one graph, the same kernels a single-GPU run executes (per-block compile
+        already lets buckets overlap block by block). Sets ``torch._dynamo.config.optimize_ddp``.
     gradient_checkpointing: recompute each block's activations in backward.
     nonfinite: what all ranks do when the loss or grad norm is NaN/inf on any rank: ``skip`` the
         optimizer step (counted, logged) or ``error`` (every rank raises ``NonFiniteError``).
@@ -57,6 +61,7 @@ class RunConfig:
     distributed: str = "auto"
     precision: str = "bf16"
     compile: bool = False
+    compile_ddp_split: bool = True
     gradient_checkpointing: bool = False
     nonfinite: str = "skip"
     max_consecutive_skips: int = 100

@@ -132,6 +132,8 @@ class Trainer:
             enable_gradient_checkpointing(self.raw_model)
         if run.compile:
             compile_blocks(self.raw_model)
+            if self.parallel == "ddp":  # process-wide: read when dynamo first traces under DDP
+                torch._dynamo.config.optimize_ddp = run.compile_ddp_split
         self.model = self._wrap(self.raw_model)
 
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]

@@ -211,6 +211,22 @@ def test_compile_per_block_trains_and_checkpoints_interchange(toy, tmp_path):
     assert len(losses) == 6 and all(v is not None for v in losses)
 
 
+@pytest.mark.parametrize("split", [True, False])
+def test_compile_under_ddp_sets_dynamos_graph_splitting(toy, tmp_path, monkeypatch, split):
+    """run.compile_ddp_split decides whether dynamo splits compiled blocks at DDP bucket boundaries."""
+    import torch.distributed as dist
+    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", not split)  # restored after the test
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        cfg = toy.toy_config(tmp_path / "run", **{"run.compile": True, "run.distributed": "ddp",
+                                                  "run.compile_ddp_split": split})
+        trainer = Trainer(cfg, toy.toy_model(), toy.NoisyTask(), toy.toy_dataset(cfg))
+        assert isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel)
+        assert torch._dynamo.config.optimize_ddp is split
+    finally:
+        dist.destroy_process_group()
+
+
 def test_measured_attention_paths_are_checkpointed_and_restored(toy, tmp_path, monkeypatch):
     """backend="auto" times attention paths per process: the trainer stores rank 0's choices in each
     checkpoint and a resumed run adopts them, so it runs the same kernels as the run it continues."""
