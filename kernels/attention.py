@@ -429,15 +429,26 @@ def _bhnd(t):
     return t.stride(0), t.stride(2), t.stride(1), t.stride(3)
 
 
-def _config(d: int, device: torch.device, block_m: Optional[int], block_n: Optional[int], backward: bool):
-    """Tile sizes. GPU defaults from benchmarks/tune_attention.py on an H100 (2026-11-22): forward
-    128 × 128 (8 warps, 3 stages), backward 64 × 64 (4 warps, 2 stages); 16 × 16 in the interpreter."""
+def _config(d: int, dtype: torch.dtype, device: torch.device, block_m: Optional[int], block_n: Optional[int],
+            num_warps: Optional[int], num_stages: Optional[int], backward: bool):
+    """Tiles and launch options: (BLOCK_M, BLOCK_N, BLOCK_HALF, BLOCK_D, warps, stages). GPU defaults for
+    16-bit inputs from benchmarks/tune_attention.py on an H100 (2026-11-22): forward 128 × 128 (8 warps,
+    3 stages), backward 64 × 64 (4 warps, 2 stages). fp32 inputs (exact "ieee" dots, no tensor cores; a
+    correctness path) take a quarter of the area: at the 16-bit tiles they overflow shared memory, and each
+    fallback step of a refused launch is another slow compile. 16 × 16 in the interpreter."""
     interpret = device.type != "cuda"
-    if block_m is None:
-        block_m = 16 if interpret else (64 if backward else 128)
-    if block_n is None:
-        block_n = 16 if interpret else (64 if backward else 128)
-    return block_m, block_n, _utils.next_pow2(max(d // 2, 8)), _utils.next_pow2(max(d, 16))
+    wide = dtype == torch.float32
+    if interpret:
+        default_m = default_n = 16
+        warps, stages = 4, 1
+    elif backward:
+        default_m, default_n = (32, 32) if wide else (64, 64)
+        warps, stages = 4, (1 if wide else 2)
+    else:
+        default_m, default_n = (64, 64) if wide else (128, 128)
+        warps, stages = (4, 2) if wide else (8, 3)
+    return (block_m or default_m, block_n or default_n, _utils.next_pow2(max(d // 2, 8)),
+            _utils.next_pow2(max(d, 16)), num_warps or warps, num_stages or stages)
 
 
 def _stride_kwargs(names: str, *values):
@@ -488,9 +499,8 @@ def attention_fwd(txt: Stream, img: Stream, sm_scale: float, eps: float, interle
     N = N_txt + N_img
     dev = img.q.device
     interleaved = _pairing(interleaved, txt, img)
-    BM, BN, BH, BD = _config(d, dev, block_m, block_n, backward=False)
-    warps = num_warps or (4 if dev.type != "cuda" else 8)
-    stages = num_stages or (1 if dev.type != "cuda" else 3)
+    BM, BN, BH, BD, warps, stages = _config(d, img.q.dtype, dev, block_m, block_n, num_warps, num_stages,
+                                            backward=False)
     o_img = _utils.new_empty((B, N_img, H, d), img.q.dtype, dev)
     o_txt = _utils.new_empty((B, N_txt, H, d), img.q.dtype, dev)
     lse = _utils.new_empty((B, H, N), torch.float32, dev)
@@ -543,9 +553,8 @@ def attention_bwd(do_img: torch.Tensor, do_txt: torch.Tensor, txt: Stream, img: 
     N = N_txt + N_img
     dev = img.q.device
     interleaved = _pairing(interleaved, txt, img)
-    BM, BN, BH, BD = _config(d, dev, block_m, block_n, backward=True)
-    warps = num_warps or 4
-    stages = num_stages or (1 if dev.type != "cuda" else 2)
+    BM, BN, BH, BD, warps, stages = _config(d, img.q.dtype, dev, block_m, block_n, num_warps, num_stages,
+                                            backward=True)
     explicit = block_m is not None or block_n is not None  # asked-for tiles are not silently replaced
     # delta_i = rowsum(dO ∘ O), fp32 (B, H, N) with text positions first
     delta = torch.cat([(do_txt.float() * o_txt.float()).sum(-1), (do_img.float() * o_img.float()).sum(-1)], 1)

@@ -268,8 +268,8 @@ def test_backward_falls_back_to_smaller_tiles_when_out_of_resources(monkeypatch,
             return launch
 
     real_config = kernels._config
-    monkeypatch.setattr(kernels, "_config", lambda d, dev, bm, bn, backward: real_config(
-        d, dev, bm or (64 if backward else None), bn or (64 if backward else None), backward))
+    monkeypatch.setattr(kernels, "_config", lambda d, dtype, dev, bm, bn, warps, stages, backward: real_config(
+        d, dtype, dev, bm or (64 if backward else None), bn or (64 if backward else None), warps, stages, backward))
     dq_kernel, dkdv_kernel = Refusing(kernels._attn_bwd_dq_kernel), Refusing(kernels._attn_bwd_dkdv_kernel)
     monkeypatch.setattr(kernels, "_attn_bwd_dq_kernel", dq_kernel)
     monkeypatch.setattr(kernels, "_attn_bwd_dkdv_kernel", dkdv_kernel)
