@@ -8,21 +8,22 @@ Runs ``torchrun --standalone -m fastdit.cli train`` (NCCL DDP, bf16, per-block c
 - ``1gpu_b``: one GPU, per-rank batch b;  ``Ngpu_b``: N GPUs, per-rank batch b (global N·b);
 - ``1gpu_Nb``: one GPU, batch N·b (the same global batch as ``Ngpu_b``), and ``1gpu_Nb_seed1``, the same
   with another seed: the run-to-run noise the DDP curve is judged against;
-- on request (``--runs``): ``Ngpu_b_nosplit`` (compiled blocks not split at DDP buckets, so both GPU
-  counts run the same kernels), ``Ngpu_b_eager`` and ``1gpu_Nb_eager`` (no compile).
+- on request (``--runs``): ``Ngpu_b_split`` (compiled blocks split at DDP buckets by dynamo's
+  DDPOptimizer, torch's default), ``Ngpu_b_eager`` and ``1gpu_Nb_eager`` (no compile).
 
 Throughput is the trainer's own step times (``logging.every=1``) after ``--warmup-steps`` steps
 (compilation, warm-up). Scaling efficiency = images/s(N GPUs) / (N × images/s(1 GPU)), same per-GPU batch. The loss
 comparison uses per-step losses (mean over ranks) smoothed over windows of ``--window`` steps: the mean
 absolute gap between ``Ngpu_b`` and ``1gpu_Nb`` next to the gap between the two seeds of ``1gpu_Nb``,
 and the step at which each run leaves the early loss plateau (``plateau_exit``).
-Writes ``ddp_scaling.json`` (and ``ddp_loss.png``) to ``--out``.
+Writes ``ddp_scaling.json``, ``ddp_loss.png`` and ``train_logs.txt`` (every run's output) to ``--out``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -35,39 +36,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def run_training(name: str, gpus: int, batch: int, seed: int, args, out: Path, *, compile: bool = True,
-                 ddp_split: bool = True) -> Dict:
+                 ddp_split: bool = False) -> Dict:
     run_dir = out / name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
            "-m", "fastdit.cli", "train", "--output-dir", str(run_dir), "--max-steps", str(args.steps),
-           "--seed", str(seed), "--resume", "none", "--compile" if compile else "--no-compile",
+           "--seed", str(seed + args.seed_offset), "--resume", "none", "--compile" if compile else "--no-compile",
            "--set", f"model.name={args.model}", "--set", f"data.batch_size={batch}",
-           "--set", "data.latent_shape=4,32,32", "--set", "logging.every=1",
+           "--set", f"data.latent_shape={args.latent_shape}", "--set", "logging.every=1",
            "--set", "logging.progress_bar=false", "--set", "logging.tensorboard=false",
            "--set", "checkpoint.every=0", "--set", "checkpoint.save_final=false", "--set", f"run.device={args.device}",
            "--set", f"run.compile_ddp_split={str(ddp_split).lower()}"]
     if args.data_prefetch is not None:
         cmd += ["--set", f"data.prefetch={args.data_prefetch}"]
+    for override in args.set:
+        cmd += ["--set", override]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
     if args.omp_threads:  # torchrun sets 1 per rank unless told otherwise
         env["OMP_NUM_THREADS"] = str(args.omp_threads)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    with open(out / "train_logs.txt", "a") as log:  # one file for all runs (fewer files to copy back)
+        log.write(f"==== {name}: {' '.join(cmd)}\n{proc.stdout}{proc.stderr}\n")
     if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed (exit {proc.returncode}); see {name}.log:\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}); see train_logs.txt:\n{proc.stderr[-2000:]}")
     from fastdit.training.metrics import read_jsonl
     records = read_jsonl(str(run_dir / "metrics.jsonl"))
     steps = [r for r in records if "images_per_s" in r]  # logging.every=1: one record per step
     rates = [r for r in steps if r["step"] > args.warmup_steps]
     losses = {int(r["step"]): float(r["loss"]) for r in steps if r.get("loss") is not None}
+    if not args.keep_run_dirs:
+        shutil.rmtree(run_dir)
     img_s = len(rates) * gpus * batch / sum(r["step_time_s"] for r in rates)
     times = sorted(1e3 * r["step_time_s"] for r in rates)
     spread = {f"step_ms_p{q}": times[min(len(times) - 1, int(q / 100 * len(times)))] for q in (10, 50, 90)}
-    row = {"name": name, "gpus": gpus, "batch_per_gpu": batch, "global_batch": gpus * batch, "seed": seed,
+    row = {"name": name, "gpus": gpus, "batch_per_gpu": batch, "global_batch": gpus * batch, "seed": seed + args.seed_offset,
            "compile": compile, "ddp_split": ddp_split, "plateau_exit_step": plateau_exit(losses, args.window),
            "images_per_s": img_s, "step_ms": 1e3 * gpus * batch / img_s, "mfu": rates[-1].get("mfu"),
-           **spread, "peak_mem_gb": max(r.get("peak_mem_gb", 0.0) for r in rates), "wall_s": wall,
+           **spread, "step_ms_each": [round(1e3 * r["step_time_s"], 3) for r in steps], "peak_mem_gb": max(r.get("peak_mem_gb", 0.0) for r in rates), "wall_s": wall,
            "omp_num_threads": env.get("OMP_NUM_THREADS", "torchrun's default"),
            "loss": [losses[s] for s in sorted(losses)]}
     print(f"{name:16s} {gpus} GPU × {batch:4d}: {img_s:8.1f} img/s ({row['step_ms']:.1f} ms/step; p10/p50/p90 "
@@ -129,10 +135,10 @@ def plot(curves: Dict[str, List[float]], window: int, path: Path) -> None:
 
 def run_specs(N: int, b: int) -> Dict[str, tuple]:
     """name (N stands for the GPU count) -> (gpus, batch per GPU, seed, run_training options). ``compile``
-    follows --compile except in the ``_eager`` runs; ``_nosplit`` keeps each compiled block one graph
-    under DDP (``run.compile_ddp_split=false``)."""
+    follows --compile except in the ``_eager`` runs; ``_split`` lets dynamo's DDPOptimizer split the
+    compiled blocks at DDP bucket boundaries (``run.compile_ddp_split=true``; the trainer's default is not to)."""
     return {"1gpu_b": (1, b, 0, {}), "Ngpu_b": (N, b, 0, {}), "1gpu_Nb": (1, N * b, 0, {}),
-            "1gpu_Nb_seed1": (1, N * b, 1, {}), "Ngpu_b_nosplit": (N, b, 0, {"ddp_split": False}),
+            "1gpu_Nb_seed1": (1, N * b, 1, {}), "Ngpu_b_split": (N, b, 0, {"ddp_split": True}),
             "Ngpu_b_eager": (N, b, 0, {"compile": False}), "1gpu_Nb_eager": (1, N * b, 0, {"compile": False})}
 
 
@@ -146,7 +152,7 @@ def summarize(runs: Dict[str, Dict], N: int, window: int) -> Dict:
     for name, r in runs.items():
         if one and r["gpus"] == N and N > 1 and r["compile"]:
             out[f"scaling_efficiency_{r['name']}"] = r["images_per_s"] / (N * one["images_per_s"])
-    pairs = [("Ngpu_b", "1gpu_Nb"), ("1gpu_Nb_seed1", "1gpu_Nb"), ("Ngpu_b_nosplit", "1gpu_Nb"),
+    pairs = [("Ngpu_b", "1gpu_Nb"), ("1gpu_Nb_seed1", "1gpu_Nb"), ("Ngpu_b_split", "1gpu_Nb"),
              ("Ngpu_b_eager", "1gpu_Nb_eager")]
     for a, b in pairs:
         if a in runs and b in runs:
@@ -167,6 +173,13 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a gloo smoke run")
     parser.add_argument("--omp-threads", type=int, default=0, help="OMP_NUM_THREADS per rank (0: torchrun's choice)")
     parser.add_argument("--data-prefetch", type=int, default=None, help="data.prefetch (default: the trainer's)")
+    parser.add_argument("--latent-shape", default="4,32,32", help="C,H,W of the synthetic latents")
+    parser.add_argument("--keep-run-dirs", action="store_true",
+                        help="keep each run's folder (metrics.jsonl, config.json); by default they are removed once "
+                             "read: the record holds the per-step losses and times")
+    parser.add_argument("--seed-offset", type=int, default=0, help="added to every run's seed (repeat a comparison)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a further `fastdit train --set` override for every run (repeatable)")
     parser.add_argument("--runs", nargs="+", default=["1gpu_b", "Ngpu_b", "1gpu_Nb", "1gpu_Nb_seed1"],
                         help="which runs, in order (see run_specs; N stands for --gpus)")
     parser.add_argument("--out", required=True)

@@ -43,9 +43,10 @@ class RunConfig:
     compile: ``torch.compile`` each element of ``model.blocks`` with ``fullgraph=True`` (in place, so
         parameter names do not change).
     compile_ddp_split: with compile under DDP, let dynamo's DDPOptimizer split each compiled block at
-        gradient-bucket boundaries (torch's default) so all-reduce can start inside a block's backward.
-        False keeps every block one graph, the same kernels a single-GPU run executes (per-block compile
-        already lets buckets overlap block by block). Sets ``torch._dynamo.config.optimize_ddp``.
+        gradient-bucket boundaries (``torch._dynamo.config.optimize_ddp``), so all-reduce can start inside a
+        block's backward. Off by default: per-block compile already lets buckets overlap block by block,
+        and keeping each block one graph (the kernels a single-GPU run executes) measured faster — DiT-B/2
+        on 2× H200, 2 runs: 90.1% / 91.6% scaling efficiency unsplit, 87.5% / 86.5% split.
     gradient_checkpointing: recompute each block's activations in backward.
     nonfinite: what all ranks do when the loss or grad norm is NaN/inf on any rank: ``skip`` the
         optimizer step (counted, logged) or ``error`` (every rank raises ``NonFiniteError``).
@@ -61,7 +62,7 @@ class RunConfig:
     distributed: str = "auto"
     precision: str = "bf16"
     compile: bool = False
-    compile_ddp_split: bool = True
+    compile_ddp_split: bool = False
     gradient_checkpointing: bool = False
     nonfinite: str = "skip"
     max_consecutive_skips: int = 100

@@ -70,6 +70,23 @@ def _assert_same_run(toy, ref_dir, run_dir, steps):
         assert torch.equal(ra["torch"], rb["torch"]) and ra["python"] == rb["python"]
 
 
+def test_ddp_over_duplicated_streams_is_bitwise_one_process(toy, tmp_path):
+    """Two ranks that draw the same data and random numbers average two equal gradients, which is exact
+    in floating point: every step's loss and grad norm, and the final weights, must equal one process's
+    bitwise. Checks that DDP (bucketing, averaging, the agreed non-finite check) adds nothing to the math."""
+    one = _run(toy, tmp_path, 1, ["--steps", 8, "--every", 8, "--data", "synthetic"], "one")
+    two = _run(toy, tmp_path, 2, ["--steps", 8, "--every", 8, "--data", "synthetic", "--same-stream"], "two")
+    ref, _ = toy.step_records(one)
+    got, _ = toy.step_records(two)
+    assert sorted(got) == sorted(ref) == list(range(1, 9))
+    for step in ref:
+        assert (got[step]["loss"], got[step]["grad_norm"]) == (ref[step]["loss"], ref[step]["grad_norm"]), step
+    a, b = (load_state(str(d / "checkpoints" / "step_000000008")) for d in (one, two))
+    assert b["world_size"] == 2
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
 @pytest.fixture(scope="module")
 def reference_2ranks(toy, tmp_path_factory):
     """One uninterrupted 2-rank run shared by the resume tests."""

@@ -3,10 +3,11 @@ variables set: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; none for 
 
     python worker.py OUT_DIR [--steps N] [--every K] [--nan RANK:STEP ...] [--nonfinite skip|error]
                              [--kill-in-save STEP:POINT] [--delay S] [--data memory|synthetic]
-                             [--parallel auto|ddp|fsdp]
+                             [--parallel auto|ddp|fsdp] [--same-stream]
 
 --kill-in-save makes rank 0 SIGKILL itself while saving checkpoint STEP, at POINT = rename (files
 written and fsync'ed, folder not yet renamed) or pointer (folder renamed, `latest` not yet moved).
+--same-stream gives every rank rank 0's data and RNG streams, so a DDP run computes one process's steps.
 """
 import argparse
 import hashlib
@@ -25,6 +26,19 @@ from fastdit.training.checkpoint import step_dirname  # noqa: E402
 from fastdit.training.utils import local_tensor  # noqa: E402
 
 
+class SameStream:
+    """A one-rank dataset that reports this process's rank and world size (the trainer checks them)."""
+
+    def __init__(self, inner, rank, world_size):
+        self.inner, self.rank, self.world_size = inner, rank, world_size
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __iter__(self):
+        return iter(self.inner)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("out")
@@ -36,6 +50,7 @@ def main():
     p.add_argument("--delay", type=float, default=0.0)
     p.add_argument("--data", default="memory")
     p.add_argument("--parallel", default="auto")
+    p.add_argument("--same-stream", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(1)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -72,7 +87,14 @@ def main():
             time.sleep(args.delay)  # gives the test time to kill mid-run; draws no random numbers
             return inner(model, batch)
         task.loss = slow_loss
-    trainer = Trainer(cfg, toy.toy_model(), task, toy.toy_dataset(cfg, rank, world, kind=args.data))
+    if args.same_stream:
+        import fastdit.training.trainer as trainer_module
+        seed_everything = trainer_module.seed_everything  # the trainer seeds rank r with seed + r
+        trainer_module.seed_everything = lambda seed: seed_everything(seed - rank)
+        dataset = SameStream(toy.toy_dataset(cfg, 0, 1, kind=args.data), rank, world)
+    else:
+        dataset = toy.toy_dataset(cfg, rank, world, kind=args.data)
+    trainer = Trainer(cfg, toy.toy_model(), task, dataset)
     try:
         result = trainer.fit()
     finally:
