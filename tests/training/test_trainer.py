@@ -212,19 +212,22 @@ def test_compile_per_block_trains_and_checkpoints_interchange(toy, tmp_path):
 
 
 @pytest.mark.parametrize("split", [True, False])
-def test_compile_under_ddp_sets_dynamos_graph_splitting(toy, tmp_path, monkeypatch, split):
+def test_compile_under_ddp_sets_dynamos_graph_splitting(toy, tmp_path, split):
     """run.compile_ddp_split decides whether dynamo splits compiled blocks at DDP bucket boundaries."""
     import torch.distributed as dist
-    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", not split)  # restored after the test
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        cfg = toy.toy_config(tmp_path / "run", **{"run.compile": True, "run.distributed": "ddp",
-                                                  "run.compile_ddp_split": split})
-        trainer = Trainer(cfg, toy.toy_model(), toy.NoisyTask(), toy.toy_dataset(cfg))
-        assert isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel)
-        assert torch._dynamo.config.optimize_ddp is split
-    finally:
-        dist.destroy_process_group()
+    # dynamo's own patch restores the setting afterwards (pytest's monkeypatch deletes attributes that a
+    # config module serves through __getattr__)
+    with torch._dynamo.config.patch(optimize_ddp=not split):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        try:
+            cfg = toy.toy_config(tmp_path / "run", **{"run.compile": True, "run.distributed": "ddp",
+                                                      "run.compile_ddp_split": split})
+            trainer = Trainer(cfg, toy.toy_model(), toy.NoisyTask(), toy.toy_dataset(cfg))
+            assert isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel)
+            assert torch._dynamo.config.optimize_ddp is split
+        finally:
+            dist.destroy_process_group()
+    assert torch._dynamo.config.optimize_ddp is True  # torch's default, back
 
 
 def test_measured_attention_paths_are_checkpointed_and_restored(toy, tmp_path, monkeypatch):
