@@ -177,16 +177,24 @@ def _fwd_kv_stream(acc, l_i, m_i, qa, qb, K, V, KW, KF, MASK, b, N_kv, s_kn, s_k
                    qk_scale, eps, HALF, D,
                    HAS_MASK: tl.constexpr, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr,
                    INTERLEAVED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                   BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                   BLOCK_D: tl.constexpr, PREC: tl.constexpr, ALL_VALID: tl.constexpr):
+    """ALL_VALID: every key is real (no mask, N_kv a multiple of BLOCK_N). The scores then need no -inf
+    select, and scaling folds into the exponent's argument (one FMA per score instead of a multiply, a
+    select and a subtract): the softmax's elementwise work competes with the tensor cores for issue
+    slots."""
     for start in range(0, N_kv, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < N_kv
         _, _, s, valid = _key_block(qa, qb, K, KW, KF, MASK, b, cols, col_ok, s_kn, s_kd, s_fn, s_mb, eps, HALF,
                                     HAS_MASK, HAS_NORM, HAS_ROPE, INTERLEAVED, BLOCK_HALF, PREC)
-        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        if ALL_VALID:
+            m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+            p = tl.exp2(s * qk_scale - m_new[:, None])
+        else:
+            s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _load_rows(V, cols, col_ok, s_vn, s_vd, D, BLOCK_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
@@ -205,10 +213,10 @@ def _attn_fwd_kernel(
     Q_NORM: tl.constexpr, Q_ROPE: tl.constexpr, K1_NORM: tl.constexpr, K1_ROPE: tl.constexpr,
     HAS_MASK1: tl.constexpr, K2_NORM: tl.constexpr, K2_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, ALL_VALID1: tl.constexpr, ALL_VALID2: tl.constexpr,
 ):
     """Program (m, b·H + h): BLOCK_M queries of one stream against stream 1's keys (the text, masked),
-    then stream 2's (the image)."""
+    then stream 2's (the image). ALL_VALID1/2: see ``_fwd_kv_stream``."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -227,11 +235,11 @@ def _attn_fwd_kernel(
     acc, l_i, m_i = _fwd_kv_stream(acc, l_i, m_i, qa, qb, K1 + b * s_k1b + h * s_k1h, V1 + b * s_v1b + h * s_v1h,
                                    K1W, K1F + b * s_k1fb, MASK1, b, N1, s_k1n, s_k1d, s_v1n, s_v1d, s_k1fn, s_m1b,
                                    qk_scale, eps, HALF, D, HAS_MASK1, K1_NORM, K1_ROPE, INTERLEAVED, BLOCK_N,
-                                   BLOCK_HALF, BLOCK_D, PREC)
+                                   BLOCK_HALF, BLOCK_D, PREC, ALL_VALID1)
     acc, l_i, m_i = _fwd_kv_stream(acc, l_i, m_i, qa, qb, K2 + b * s_k2b + h * s_k2h, V2 + b * s_v2b + h * s_v2h,
                                    K2W, K2F + b * s_k2fb, MASK1, b, N2, s_k2n, s_k2d, s_v2n, s_v2d, s_k2fn, s_m1b,
                                    qk_scale, eps, HALF, D, False, K2_NORM, K2_ROPE, INTERLEAVED, BLOCK_N,
-                                   BLOCK_HALF, BLOCK_D, PREC)
+                                   BLOCK_HALF, BLOCK_D, PREC, ALL_VALID2)
     out = acc / l_i[:, None]
     dcols = tl.arange(0, BLOCK_D)
     o_ptr = OUT + b * s_ob + h * s_oh + rows[:, None] * s_on + dcols[None, :] * s_od
@@ -512,7 +520,8 @@ def attention_fwd(txt: Stream, img: Stream, sm_scale: float, eps: float, interle
             continue
         qf, s_qfb, s_qfn = q_stream.freq_args()
         launch = lambda BM, BN, warps, stages, **kw: _attn_fwd_kernel[(triton.cdiv(q_stream.n, BM), B * H)](  # noqa
-            **kw, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages)
+            **kw, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages,
+            ALL_VALID1=txt.mask is None and N_txt % BN == 0, ALL_VALID2=N_img % BN == 0)
         _with_fallback(launch, (BM, BN, warps, stages), explicit=block_m is not None or block_n is not None,
                        kwargs=dict(
             Q=q_stream.q, QW=q_stream.q_weight if q_stream.q_weight is not None else q_stream.q, QF=qf, OUT=out,
