@@ -99,15 +99,15 @@ def write_profile(step: Callable, device, path: str, steps: int = 2) -> None:
         for _ in range(steps):
             step()
         _sync(device)
-    rows = [(e.key, e.device_time_total / steps / 1e3, e.count // steps) for e in prof.key_averages()
-            if e.device_time_total > 0 and e.device_type.name == "CUDA"]
+    rows = [(e.key, e.device_time_total / steps / 1e3, e.count // steps, kernel_kind(e.key))
+            for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"]
     rows.sort(key=lambda r: -r[1])
     kinds: Dict[str, float] = {}
-    for name, ms, _ in rows:
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+    for _, ms, _, kind in rows:
+        kinds[kind] = kinds.get(kind, 0.0) + ms
     lines = ["GPU ms per step by kind: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
              + f" (sum {sum(kinds.values()):.1f})", "", "ms/step  calls/step  kind       kernel"]
-    lines += [f"{ms:8.3f}  {n:10d}  {kernel_kind(name):9s}  {name[:150]}" for name, ms, n in rows[:60]]
+    lines += [f"{ms:8.3f}  {n:10d}  {kind:9s}  {name[:150]}" for name, ms, n, kind in rows[:60]]
     cpu = sorted((e for e in prof.key_averages() if e.device_type.name == "CPU"), key=lambda e: -e.self_cpu_time_total)
     lines += ["", "host: ms/step of self CPU time, calls/step, op"]
     lines += [f"{e.self_cpu_time_total / steps / 1e3:8.3f}  {e.count // steps:10d}  {e.key[:150]}" for e in cpu[:40]]
