@@ -255,13 +255,17 @@ def _dq_kv_stream(dqa, dqb, qa, qb, do, lse2, delta, K, V, KW, KF, MASK, b, N_kv
                   s_fn, s_mb, qk_scale, eps, HALF, D, row_ok,
                   HAS_MASK: tl.constexpr, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr,
                   INTERLEAVED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                  BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                  BLOCK_D: tl.constexpr, PREC: tl.constexpr, ALL_VALID: tl.constexpr):
+    """ALL_VALID: every key and every query row of the program is real (see ``_fwd_kv_stream``)."""
     for start in range(0, N_kv, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < N_kv
         ka, kb, s, valid = _key_block(qa, qb, K, KW, KF, MASK, b, cols, col_ok, s_kn, s_kd, s_fn, s_mb, eps, HALF,
                                       HAS_MASK, HAS_NORM, HAS_ROPE, INTERLEAVED, BLOCK_HALF, PREC)
-        p = tl.where(row_ok[:, None] & valid[None, :], tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        if ALL_VALID:
+            p = tl.exp2(s * qk_scale - lse2[:, None])
+        else:
+            p = tl.where(row_ok[:, None] & valid[None, :], tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
         v = _load_rows(V, cols, col_ok, s_vn, s_vd, D, BLOCK_D)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = (p * (dp - delta[:, None])).to(qa.dtype)
@@ -281,9 +285,10 @@ def _attn_bwd_dq_kernel(
     Q_NORM: tl.constexpr, Q_ROPE: tl.constexpr, K1_NORM: tl.constexpr, K1_ROPE: tl.constexpr,
     HAS_MASK1: tl.constexpr, K2_NORM: tl.constexpr, K2_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, ALL_VALID1: tl.constexpr, ALL_VALID2: tl.constexpr,
 ):
-    """dq of BLOCK_M queries of one stream (do: (B, N_q, H, d) strides s_o*; dq strides s_g*)."""
+    """dq of BLOCK_M queries of one stream (do: (B, N_q, H, d) strides s_o*; dq strides s_g*).
+    ALL_VALID1/2: no masked key or query row against key stream 1/2."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -305,11 +310,11 @@ def _attn_bwd_dq_kernel(
     dqa, dqb = _dq_kv_stream(dqa, dqb, qa, qb, do, lse2, delta, K1 + b * s_k1b + h * s_k1h,
                              V1 + b * s_v1b + h * s_v1h, K1W, K1F + b * s_k1fb, MASK1, b, N1, s_k1n, s_k1d,
                              s_v1n, s_v1d, s_k1fn, s_m1b, qk_scale, eps, HALF, D, row_ok, HAS_MASK1, K1_NORM,
-                             K1_ROPE, INTERLEAVED, BLOCK_N, BLOCK_HALF, BLOCK_D, PREC)
+                             K1_ROPE, INTERLEAVED, BLOCK_N, BLOCK_HALF, BLOCK_D, PREC, ALL_VALID1)
     dqa, dqb = _dq_kv_stream(dqa, dqb, qa, qb, do, lse2, delta, K2 + b * s_k2b + h * s_k2h,
                              V2 + b * s_v2b + h * s_v2h, K2W, K2F + b * s_k2fb, MASK1, b, N2, s_k2n, s_k2d,
                              s_v2n, s_v2d, s_k2fn, s_m1b, qk_scale, eps, HALF, D, row_ok, False, K2_NORM,
-                             K2_ROPE, INTERLEAVED, BLOCK_N, BLOCK_HALF, BLOCK_D, PREC)
+                             K2_ROPE, INTERLEAVED, BLOCK_N, BLOCK_HALF, BLOCK_D, PREC, ALL_VALID2)
     ga, gb, dwa, dwb = _norm_rope_backward(dqa * sm_scale, dqb * sm_scale, xa, xb, QW, qf, rows, row_ok, s_qfn,
                                            HALF, eps, Q_NORM, Q_ROPE, INTERLEAVED, BLOCK_HALF)
     _store_pairs(DQ + b * s_gb + h * s_gh, rows, row_ok, s_gn, s_gd, HALF, ga, gb, INTERLEAVED, BLOCK_HALF)
@@ -323,7 +328,9 @@ def _attn_bwd_dq_kernel(
 def _dkdv_q_stream(dka, dkb, dv, ka, kb, v, col_valid, Q, QW, QF, DO, LSE, DELTA, bh, b, N_q, lse_offset,
                    N_total, s_qn, s_qd, s_qfn, s_on, s_od, qk_scale, eps, HALF, D,
                    HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                   ALL_VALID: tl.constexpr):
+    """ALL_VALID: every key of the program and every query row of the stream is real."""
     for start in range(0, N_q, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < N_q
@@ -338,7 +345,10 @@ def _dkdv_q_stream(dka, dkb, dv, ka, kb, v, col_valid, Q, QW, QF, DO, LSE, DELTA
         delta = tl.load(DELTA + at, mask=row_ok, other=0.0)
         # transposed scores sT [BLOCK_N, BLOCK_M]: keys of this program × queries of the block
         st = tl.dot(ka, tl.trans(qa), input_precision=PREC) + tl.dot(kb, tl.trans(qb), input_precision=PREC)
-        pt = tl.where(col_valid[:, None] & row_ok[None, :], tl.exp2(st * qk_scale - lse2[None, :]), 0.0)
+        if ALL_VALID:
+            pt = tl.exp2(st * qk_scale - lse2[None, :])
+        else:
+            pt = tl.where(col_valid[:, None] & row_ok[None, :], tl.exp2(st * qk_scale - lse2[None, :]), 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
         dst = (pt * (dpt - delta[None, :])).to(qa.dtype)
@@ -359,10 +369,11 @@ def _attn_bwd_dkdv_kernel(
     K_NORM: tl.constexpr, K_ROPE: tl.constexpr, HAS_MASK: tl.constexpr, Q1_NORM: tl.constexpr,
     Q1_ROPE: tl.constexpr, Q2_NORM: tl.constexpr, Q2_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, ALL_VALID1: tl.constexpr, ALL_VALID2: tl.constexpr,
 ):
     """dk, dv of BLOCK_N keys of one stream against every query: stream 1 (text, lse positions from 0),
-    then stream 2 (image, from N1). dk strides s_g*, dv strides s_h*."""
+    then stream 2 (image, from N1). dk strides s_g*, dv strides s_h*. ALL_VALID1/2: no masked key or
+    query row against query stream 1/2."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -384,11 +395,11 @@ def _attn_bwd_dkdv_kernel(
     dka, dkb, dv = _dkdv_q_stream(dka, dkb, dv, ka, kb, v, col_valid, Q1 + b * s_q1b + h * s_q1h, QW1,
                                   QF1 + b * s_q1fb, DO1 + b * s_o1b + h * s_o1h, LSE, DELTA, bh, b, N1, 0, N_total,
                                   s_q1n, s_q1d, s_q1fn, s_o1n, s_o1d, qk_scale, eps, HALF, D, Q1_NORM, Q1_ROPE,
-                                  INTERLEAVED, BLOCK_M, BLOCK_HALF, BLOCK_D, PREC)
+                                  INTERLEAVED, BLOCK_M, BLOCK_HALF, BLOCK_D, PREC, ALL_VALID1)
     dka, dkb, dv = _dkdv_q_stream(dka, dkb, dv, ka, kb, v, col_valid, Q2 + b * s_q2b + h * s_q2h, QW2,
                                   QF2 + b * s_q2fb, DO2 + b * s_o2b + h * s_o2h, LSE, DELTA, bh, b, N2, N1, N_total,
                                   s_q2n, s_q2d, s_q2fn, s_o2n, s_o2d, qk_scale, eps, HALF, D, Q2_NORM, Q2_ROPE,
-                                  INTERLEAVED, BLOCK_M, BLOCK_HALF, BLOCK_D, PREC)
+                                  INTERLEAVED, BLOCK_M, BLOCK_HALF, BLOCK_D, PREC, ALL_VALID2)
     ga, gb, dwa, dwb = _norm_rope_backward(dka * sm_scale, dkb * sm_scale, xa, xb, KW, kf, cols, col_ok, s_kfn,
                                            HALF, eps, K_NORM, K_ROPE, INTERLEAVED, BLOCK_HALF)
     _store_pairs(DK + b * s_gb + h * s_gh, cols, col_ok, s_gn, s_gd, HALF, ga, gb, INTERLEAVED, BLOCK_HALF)
@@ -585,6 +596,7 @@ def attention_bwd(do_img: torch.Tensor, do_txt: torch.Tensor, txt: Stream, img: 
 
         def launch_dq(block_m, block_n, warps, stages):
             n_blocks = triton.cdiv(q_stream.n, block_m)
+            rows_full = q_stream.n % block_m == 0
             part = (torch.empty((B * H * n_blocks, 2, BH), device=dev, dtype=torch.float32)
                     if q_stream.q_weight is not None else dq)
             _attn_bwd_dq_kernel[(n_blocks, B * H)](
@@ -598,7 +610,8 @@ def attention_bwd(do_img: torch.Tensor, do_txt: torch.Tensor, txt: Stream, img: 
                 K1_NORM=txt.k_weight is not None, K1_ROPE=txt.freqs is not None, HAS_MASK1=txt.mask is not None,
                 K2_NORM=img.k_weight is not None, K2_ROPE=img.freqs is not None, INTERLEAVED=interleaved,
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_HALF=BH, BLOCK_D=BD, PREC=prec, num_warps=warps,
-                num_stages=stages)
+                num_stages=stages, ALL_VALID1=rows_full and txt.mask is None and N_txt % block_n == 0,
+                ALL_VALID2=rows_full and N_img % block_n == 0)
             return part
 
         part = _with_fallback(launch_dq, (BM, BN, warps, stages), explicit, {})
@@ -619,6 +632,7 @@ def attention_bwd(do_img: torch.Tensor, do_txt: torch.Tensor, txt: Stream, img: 
 
         def launch_dkdv(block_m, block_n, warps, stages):
             n_blocks = triton.cdiv(kv.n, block_n)
+            keys_full = not kv_mask and kv.n % block_n == 0
             part = (torch.empty((B * H * n_blocks, 2, BH), device=dev, dtype=torch.float32)
                     if kv.k_weight is not None else dk)
             _attn_bwd_dkdv_kernel[(n_blocks, B * H)](
@@ -634,7 +648,8 @@ def attention_bwd(do_img: torch.Tensor, do_txt: torch.Tensor, txt: Stream, img: 
                 Q1_NORM=txt.q_weight is not None, Q1_ROPE=txt.freqs is not None,
                 Q2_NORM=img.q_weight is not None, Q2_ROPE=img.freqs is not None, INTERLEAVED=interleaved,
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_HALF=BH, BLOCK_D=BD, PREC=prec, num_warps=warps,
-                num_stages=stages)
+                num_stages=stages, ALL_VALID1=keys_full and N_txt % block_m == 0,
+                ALL_VALID2=keys_full and N_img % block_m == 0)
             return part
 
         part = _with_fallback(launch_dkdv, (BM, BN, warps, stages), explicit, {})
