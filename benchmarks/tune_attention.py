@@ -3,7 +3,8 @@ kernels together) at the benchmark shapes; prints TFLOP/s per configuration and 
 
     python benchmarks/tune_attention.py [fwd] [bwd] --out DIR [--shapes flux1024,dit-xl256]
 
-FLOPs as in the benchmarks: forward 4·B·H·N²·d, backward 2.5× that. bf16, do_bench medians (L2 flushed).
+FLOPs as in the benchmarks: forward 4·B·H·N²·d, backward 2.5× that. bf16, CUDA-graph replay (so that the
+launcher's host time does not hide the small shapes' kernel time), after one eager call that compiles.
 A development tool: the launchers' defaults come from what it finds.
 """
 from __future__ import annotations
@@ -24,9 +25,9 @@ from fastdit.kernels.attention import Stream, attention_bwd, attention_fwd  # no
 SHAPES = {"flux1024": (1, 24, 4096, 512, 128), "sd3_1024": (2, 24, 4096, 154, 64), "dit-xl256": (64, 16, 256, 0, 72),
           "dit512": (8, 16, 1024, 0, 64), "long": (1, 24, 16384, 0, 128)}
 FWD = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3),
-       (64, 128, 4, 2), (128, 128, 8, 2), (64, 32, 4, 4)]
+       (64, 128, 4, 2), (128, 128, 8, 2), (64, 32, 4, 4), (128, 64, 8, 4), (64, 64, 4, 4)]
 BWD = [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 128, 4, 1),
-       (64, 64, 4, 1)]
+       (64, 64, 4, 1), (64, 64, 4, 3), (32, 32, 4, 2)]
 
 
 def streams(B, H, n_img, n_txt, d):
@@ -66,7 +67,9 @@ def main():
                     fn = (lambda kw=kw: attention_bwd(do_img, do_txt, txt, img, o_img, o_txt, lse, scale, 1e-6, True,
                                                       **kw))
                 try:
-                    ms = triton.testing.do_bench(fn, warmup=10, rep=50)
+                    fn()
+                    torch.cuda.synchronize()
+                    ms = triton.testing.do_bench_cudagraph(fn, rep=50)
                 except Exception as err:  # out of shared memory / registers: skip the configuration
                     print(f"  {name} {part} {kw}: failed: {type(err).__name__}: {str(err)[:100]}", flush=True)
                     continue

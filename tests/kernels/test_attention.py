@@ -141,6 +141,54 @@ def test_qk_norm_rope_attention_matches_float64(grid, n_txt, d, interleaved, nor
     _check(fn, [qi, ki, vi, qt, kt, vt, *weights], lambda backend, _: dict(backend=backend), rows)
 
 
+NORM_ONLY_CASES = [(19, 5, 72), (33, 0, 80), (21, 9, 96)]  # (n_img, n_txt, d)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("n_img,n_txt,d", NORM_ONLY_CASES, ids=[f"img{a}-txt{b}-d{c}" for a, b, c in NORM_ONLY_CASES])
+def test_qk_norm_without_rope_matches_float64(n_img, n_txt, d, dtype, device):
+    """QK-norm without RoPE: a head dim that is not a power of two is held as its widest power of two and the
+    rest (72 = 64 + 8), so the norm, the weights and their gradients cross that split."""
+    B, H = 2, 2
+    (qi, ki, vi), (qt, kt, vt) = _inputs(B, n_img, n_txt, H, d, dtype, device)
+    weights = [((torch.rand(d, device=device) + 0.5)).requires_grad_() for _ in range(4)]
+    if not n_txt:
+        weights[2] = weights[3] = None
+    lengths = _lengths(B, n_txt, device) if n_txt else None
+    rows = _rows_mask(lengths, n_txt, "bnhd", dtype) if n_txt else None
+
+    def fn(qi, ki, vi, qt, kt, vt, w0, w1, w2, w3, *, backend):
+        return joint_attention_qk(qi, ki, vi, qt, kt, vt, lengths, q_weight=w0, k_weight=w1, txt_q_weight=w2,
+                                  txt_k_weight=w3, backend=backend)
+
+    _check(fn, [qi, ki, vi, qt, kt, vt, *weights], lambda backend, _: dict(backend=backend), rows)
+
+
+@pytest.mark.parametrize("rope,interleaved", [(False, False), (True, False), (True, True)],
+                         ids=["norope", "rope-half", "rope-interleaved"])
+def test_channel_layout_holds_each_channel_once(rope, interleaved):
+    """The (a, b) tiles of q and k: every channel exactly once, power-of-two widths of at least 16 (tl.dot);
+    without RoPE the second tile starts 16-byte aligned and the padding is at most that of one 16-wide tile."""
+    from fastdit.kernels.attention import _channel_layout
+    from fastdit.ops.attention import TRITON_HEAD_DIMS
+
+    for d in TRITON_HEAD_DIMS:
+        lay = _channel_layout(d, rope, interleaved)
+        assert lay["D"] == d and lay["INTERLEAVED"] == (rope and interleaved)
+        if lay["INTERLEAVED"]:
+            a, b = [2 * i for i in range(lay["WA"])], [2 * i + 1 for i in range(lay["WB"])]
+        else:
+            a, b = list(range(lay["WA"])), [lay["OFF_B"] + j for j in range(lay["WB"])]
+        assert sorted(a + b) == list(range(d)), d
+        for block, width in ((lay["BLOCK_A"], lay["WA"]), (lay["BLOCK_B"], lay["WB"])):
+            assert block >= max(width, 16) and block & (block - 1) == 0, (d, block, width)
+        if rope:
+            assert lay["WA"] == lay["WB"] == d // 2
+        else:
+            assert (lay["OFF_B"] * 2) % 16 == 0, d
+            assert lay["BLOCK_A"] + lay["BLOCK_B"] < d + 16, d
+
+
 def slow_on_cpu_layout(**_):
     return False
 
@@ -293,3 +341,13 @@ def test_backward_falls_back_to_smaller_tiles_when_out_of_resources(monkeypatch,
     assert dq_kernel.refused == 2 and dkdv_kernel.refused == 2  # one refusal per stream, then a fallback
     for g, r in zip(ours[1], ref[1]):
         torch.testing.assert_close(g, r, rtol=2e-3, atol=2e-3)
+
+
+def test_head_align_is_the_largest_power_of_two_of_the_strides():
+    from fastdit.kernels.attention import _head_align
+
+    qkv = torch.empty(2, 5, 3, 16, 72)  # a packed projection: head stride 72, sample stride 5·3·16·72
+    assert _head_align(qkv.unbind(2)) == 8
+    assert _head_align(qkv.unbind(2), 36) == 4
+    assert _head_align([torch.empty(2, 5, 4, 64)]) == 16
+    assert _head_align([torch.empty(2, 5, 3, 16, 73)[:, :, 0]]) == 1
