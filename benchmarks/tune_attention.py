@@ -40,11 +40,22 @@ def streams(B, H, n_img, n_txt, d):
     return Stream(*make(n_txt), mask=mask if n_txt else None), Stream(*make(n_img))
 
 
+def parse_configs(text: str):
+    """'128,64,8,3;64,64,4,2' -> [(128, 64, 8, 3), (64, 64, 4, 2)]: (BLOCK_M, BLOCK_N, warps, stages)."""
+    configs = [tuple(int(x) for x in part.split(",")) for part in text.split(";") if part.strip()]
+    if not configs or any(len(c) != 4 for c in configs):
+        raise argparse.ArgumentTypeError(f"expected 'M,N,WARPS,STAGES;...', got {text!r}")
+    return configs
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("parts", nargs="*", default=["fwd", "bwd"])
     parser.add_argument("--out", default=".")
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--fwd-configs", type=parse_configs, default=FWD,
+                        help="forward configurations instead of the built-in sweep: 'M,N,WARPS,STAGES;...'")
+    parser.add_argument("--bwd-configs", type=parse_configs, default=BWD, help="the same for the backward")
     args = parser.parse_args()
     results = []
     for name in args.shapes.split(","):
@@ -55,7 +66,7 @@ def main():
         scale = d ** -0.5
         o_img, o_txt, lse = attention_fwd(txt, img, scale, 1e-6, True)
         do_img, do_txt = torch.randn_like(o_img), torch.randn_like(o_txt)
-        for part, configs, mult in (("fwd", FWD, 1.0), ("bwd", BWD, 2.5)):
+        for part, configs, mult in (("fwd", args.fwd_configs, 1.0), ("bwd", args.bwd_configs, 2.5)):
             if part not in args.parts:
                 continue
             best = None
