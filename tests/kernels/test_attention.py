@@ -168,8 +168,9 @@ def test_qk_norm_without_rope_matches_float64(n_img, n_txt, d, dtype, device):
                          ids=["norope", "rope-half", "rope-interleaved"])
 def test_channel_layout_holds_each_channel_once(rope, interleaved):
     """The (a, b) tiles of q and k: every channel exactly once, power-of-two widths of at least 16 (tl.dot);
-    without RoPE the second tile starts 16-byte aligned and the padding is at most that of one 16-wide tile."""
-    from fastdit.kernels.attention import _channel_layout
+    without RoPE the second tile starts 16-byte aligned and the padding is at most that of one 16-wide tile.
+    The same for the tiles of v, o and do."""
+    from fastdit.kernels.attention import _channel_layout, _value_layout
     from fastdit.ops.attention import TRITON_HEAD_DIMS
 
     for d in TRITON_HEAD_DIMS:
@@ -187,6 +188,13 @@ def test_channel_layout_holds_each_channel_once(rope, interleaved):
         else:
             assert (lay["OFF_B"] * 2) % 16 == 0, d
             assert lay["BLOCK_A"] + lay["BLOCK_B"] < d + 16, d
+        values = _value_layout(d)  # v, o, do: [0, VA) in a BLOCK_D tile, [VA, d) in a BLOCK_VB tile
+        assert values["BLOCK_D"] >= values["VA"] and values["VA"] <= d
+        if values["VA"] < d:
+            assert values["BLOCK_VB"] >= d - values["VA"] and values["BLOCK_D"] + values["BLOCK_VB"] < d + 16
+            assert (values["VA"] * 2) % 16 == 0
+        else:
+            assert values["BLOCK_D"] == d
 
 
 def slow_on_cpu_layout(**_):
