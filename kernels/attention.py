@@ -341,7 +341,7 @@ def _dq_kv_stream(dqa, dqb, qa, qb, do, do_b, lse2, delta, K, V, KW, KF, MASK, b
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, QW, QF, DO, LSE, DELTA, DQ, DQW,
+    Q, QW, QF, DO, O, LSE, DELTA, DQ, DQW,
     K1, V1, K1W, K1F, MASK1, K2, V2, K2W, K2F,
     H, N_q, N1, N2, lse_offset, N_total, sm_scale, eps, n_blocks,
     s_qb, s_qh, s_qn, s_qd, s_qfb, s_qfn, s_ob, s_oh, s_on, s_od, s_gb, s_gh, s_gn, s_gd,
@@ -354,8 +354,9 @@ def _attn_bwd_dq_kernel(
     D: tl.constexpr, OFF_B: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, BLOCK_A: tl.constexpr,
     BLOCK_B: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    """dq of BLOCK_M queries of one stream (do: (B, N_q, H, d) strides s_o*; dq strides s_g*).
-    ALL_VALID1/2: no masked key or query row against key stream 1/2."""
+    """dq of BLOCK_M queries of one stream (do and o: (B, N_q, H, d), both with strides s_o*; dq strides
+    s_g*). Also writes delta_i = rowsum(dO ∘ O) of its rows (fp32), which the dk/dv kernel, launched after,
+    reads. ALL_VALID1/2: no masked key or query row against key stream 1/2."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -370,9 +371,13 @@ def _attn_bwd_dq_kernel(
     qa = qa.to(Q.dtype.element_ty)
     qb = qb.to(Q.dtype.element_ty)
     do, do_b = _load_values(_head(DO, b, h, s_ob, s_oh, ALIGN), rows, row_ok, s_on, s_od, D, BLOCK_D, VA, BLOCK_VB)
+    o, o_b = _load_values(_head(O, b, h, s_ob, s_oh, ALIGN), rows, row_ok, s_on, s_od, D, BLOCK_D, VA, BLOCK_VB)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    if VA < D:
+        delta += tl.sum(do_b.to(tl.float32) * o_b.to(tl.float32), axis=1)
     at = bh.to(tl.int64) * N_total + lse_offset + rows
+    tl.store(DELTA + at, delta, mask=row_ok)
     lse2 = tl.load(LSE + at, mask=row_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + at, mask=row_ok, other=0.0)
     qk_scale = sm_scale * 1.4426950408889634
     dqa = tl.zeros([BLOCK_M, BLOCK_A], dtype=tl.float32)
     dqb = tl.zeros([BLOCK_M, BLOCK_B], dtype=tl.float32)
@@ -704,9 +709,13 @@ def attention_bwd(do_img: torch.Tensor, do_txt: torch.Tensor, txt: Stream, img: 
     BM, BN, warps, stages = _config(d, img.q.dtype, dev, block_m, block_n, num_warps, num_stages, backward=True)
     layout.update(_value_layout(d))
     explicit = block_m is not None or block_n is not None  # asked-for tiles are not silently replaced
-    # delta_i = rowsum(dO ∘ O), fp32 (B, H, N) with text positions first
-    delta = torch.cat([(do_txt.float() * o_txt.float()).sum(-1), (do_img.float() * o_img.float()).sum(-1)], 1)
-    delta = delta.transpose(1, 2).contiguous()
+    # delta_i = rowsum(dO ∘ O), fp32 (B, H, N) with text positions first: written by the dq kernel, which
+    # reads do and o with one set of strides
+    delta = _utils.new_empty((B, H, N), torch.float32, dev)
+    if do_txt.stride() != o_txt.stride():
+        do_txt, o_txt = do_txt.contiguous(), o_txt.contiguous()
+    if do_img.stride() != o_img.stride():
+        do_img, o_img = do_img.contiguous(), o_img.contiguous()
     mask = txt.mask if txt.mask is not None else img.q
     s_mb = mask.stride(0) if txt.mask is not None else 0
     k1f, s_k1fb, s_k1fn = txt.freq_args()
@@ -715,7 +724,7 @@ def attention_bwd(do_img: torch.Tensor, do_txt: torch.Tensor, txt: Stream, img: 
     prec = _prec(img.q.dtype)
     # the gradients are allocated contiguous: head strides d, sample strides N·H·d
     align = _head_align((txt.q, txt.k, txt.v, img.q, img.k, img.v, do_img, do_txt), d)
-    for name, q_stream, do in (("txt", txt, do_txt), ("img", img, do_img)):
+    for name, q_stream, do, o in (("txt", txt, do_txt, o_txt), ("img", img, do_img, o_img)):
         dq = _utils.new_empty(tuple(q_stream.q.shape), q_stream.q.dtype, dev)
         grads["dq_" + name] = dq
         if q_stream.n == 0:
@@ -730,7 +739,7 @@ def attention_bwd(do_img: torch.Tensor, do_txt: torch.Tensor, txt: Stream, img: 
             part = (torch.empty((B * H * n_blocks, tile_channels), device=dev, dtype=torch.float32)
                     if q_stream.q_weight is not None else dq)
             _attn_bwd_dq_kernel[(n_blocks, B * H)](
-                q_stream.q, q_stream.q_weight if q_stream.q_weight is not None else q_stream.q, qf, do, lse, delta,
+                q_stream.q, q_stream.q_weight if q_stream.q_weight is not None else q_stream.q, qf, do, o, lse, delta,
                 dq, part, txt.k, txt.v, txt.k_weight if txt.k_weight is not None else txt.k, k1f, mask,
                 img.k, img.v, img.k_weight if img.k_weight is not None else img.k, k2f,
                 H, q_stream.n, N_txt, N_img, 0 if name == "txt" else N_txt, N, sm_scale, eps, n_blocks,
