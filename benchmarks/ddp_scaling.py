@@ -70,10 +70,12 @@ def run_training(name: str, gpus: int, batch: int, seed: int, args, out: Path, *
     img_s = len(rates) * gpus * batch / sum(r["step_time_s"] for r in rates)
     times = sorted(1e3 * r["step_time_s"] for r in rates)
     spread = {f"step_ms_p{q}": times[min(len(times) - 1, int(q / 100 * len(times)))] for q in (10, 50, 90)}
-    row = {"name": name, "gpus": gpus, "batch_per_gpu": batch, "global_batch": gpus * batch, "seed": seed + args.seed_offset,
+    row = {"name": name, "gpus": gpus, "batch_per_gpu": batch, "global_batch": gpus * batch,
+           "seed": seed + args.seed_offset,
            "compile": compile, "ddp_split": ddp_split, "plateau_exit_step": plateau_exit(losses, args.window),
            "images_per_s": img_s, "step_ms": 1e3 * gpus * batch / img_s, "mfu": rates[-1].get("mfu"),
-           **spread, "step_ms_each": [round(1e3 * r["step_time_s"], 3) for r in steps], "peak_mem_gb": max(r.get("peak_mem_gb", 0.0) for r in rates), "wall_s": wall,
+           **spread, "step_ms_each": [round(1e3 * r["step_time_s"], 3) for r in steps],
+           "peak_mem_gb": max(r.get("peak_mem_gb", 0.0) for r in rates), "wall_s": wall,
            "omp_num_threads": env.get("OMP_NUM_THREADS", "torchrun's default"),
            "loss": [losses[s] for s in sorted(losses)]}
     print(f"{name:16s} {gpus} GPU × {batch:4d}: {img_s:8.1f} img/s ({row['step_ms']:.1f} ms/step; p10/p50/p90 "
@@ -149,7 +151,7 @@ def summarize(runs: Dict[str, Dict], N: int, window: int) -> Dict:
                  "final_window_loss": {r["name"]: smooth(r["loss"], window)[-1] for r in runs.values()},
                  "plateau_exit_step": {r["name"]: r["plateau_exit_step"] for r in runs.values()}}
     one = runs.get("1gpu_b")
-    for name, r in runs.items():
+    for r in runs.values():
         if one and r["gpus"] == N and N > 1 and r["compile"]:
             out[f"scaling_efficiency_{r['name']}"] = r["images_per_s"] / (N * one["images_per_s"])
     pairs = [("Ngpu_b", "1gpu_Nb"), ("1gpu_Nb_seed1", "1gpu_Nb"), ("Ngpu_b_split", "1gpu_Nb"),

@@ -562,13 +562,17 @@ def _config(d: int, dtype: torch.dtype, device: torch.device, block_m: Optional[
     return block_m or default_m, block_n or default_n, num_warps or warps, num_stages or stages
 
 
-def _value_layout(d: int) -> dict:
-    """How rows of v, o and do are held (``_load_values``): one tile when d is a power of two, else the
-    widest power of two and the rest (72 = 64 + 8 in a 16-wide tile)."""
-    if d & (d - 1) == 0:
-        return dict(BLOCK_D=max(d, 16), VA=d, BLOCK_VB=16)
+def _widest_pow2_split(d: int):
+    """d = main + rest with main the widest power of two ≤ d: (main, rest, the rest's tile width ≥ 16)."""
     main = 1 << (d.bit_length() - 1)
-    return dict(BLOCK_D=main, VA=main, BLOCK_VB=_utils.next_pow2(max(d - main, 16)))
+    return main, d - main, _utils.next_pow2(max(d - main, 16))
+
+
+def _value_layout(d: int) -> dict:
+    """How rows of v, o and do are held (``_load_values``): the widest power of two and the rest (72 = 64 + 8
+    in a 16-wide tile); a power of two is one tile (VA = d)."""
+    main, _, rest_block = _widest_pow2_split(d)
+    return dict(BLOCK_D=main, VA=main, BLOCK_VB=rest_block)
 
 
 def _channel_layout(d: int, rope: bool, interleaved: bool) -> dict:
@@ -587,9 +591,8 @@ def _channel_layout(d: int, rope: bool, interleaved: bool) -> dict:
         block = _utils.next_pow2(max(half, 16))
         return dict(D=d, OFF_B=half, WA=half, WB=half, INTERLEAVED=rope and interleaved, BLOCK_A=block,
                     BLOCK_B=block)
-    main = 1 << (d.bit_length() - 1)
-    return dict(D=d, OFF_B=main, WA=main, WB=d - main, INTERLEAVED=False, BLOCK_A=main,
-                BLOCK_B=_utils.next_pow2(max(d - main, 16)))
+    main, rest, rest_block = _widest_pow2_split(d)
+    return dict(D=d, OFF_B=main, WA=main, WB=rest, INTERLEAVED=False, BLOCK_A=main, BLOCK_B=rest_block)
 
 
 def _head_align(tensors, *strides: int) -> int:
