@@ -635,8 +635,9 @@ def _with_fallback(launch, config, explicit: bool, kwargs):
 
 
 def _layout(d: int, interleaved: bool, txt: Stream, img: Stream) -> dict:
-    """The channel layout (see ``_channel_layout``): RoPE on either stream fixes the pairs for both."""
-    return _channel_layout(d, txt.freqs is not None or img.freqs is not None, interleaved)
+    """The kernels' compile-time channel layout: q and k (``_channel_layout``; RoPE on either stream fixes
+    the pairs for both) and v, o, do (``_value_layout``)."""
+    return {**_channel_layout(d, txt.freqs is not None or img.freqs is not None, interleaved), **_value_layout(d)}
 
 
 def _prec(dtype) -> str:
@@ -653,7 +654,6 @@ def attention_fwd(txt: Stream, img: Stream, sm_scale: float, eps: float, interle
     dev = img.q.device
     layout = _layout(d, interleaved, txt, img)
     BM, BN, warps, stages = _config(d, img.q.dtype, dev, block_m, block_n, num_warps, num_stages, backward=False)
-    layout.update(_value_layout(d))
     o_img = _utils.new_empty((B, N_img, H, d), img.q.dtype, dev)
     o_txt = _utils.new_empty((B, N_txt, H, d), img.q.dtype, dev)
     align = _head_align((txt.q, txt.k, txt.v, img.q, img.k, img.v, o_img, o_txt))
@@ -710,7 +710,6 @@ def attention_bwd(do_img: torch.Tensor, do_txt: torch.Tensor, txt: Stream, img: 
     layout = _layout(d, interleaved, txt, img)
     tile_channels = layout["BLOCK_A"] + layout["BLOCK_B"]
     BM, BN, warps, stages = _config(d, img.q.dtype, dev, block_m, block_n, num_warps, num_stages, backward=True)
-    layout.update(_value_layout(d))
     explicit = block_m is not None or block_n is not None  # asked-for tiles are not silently replaced
     # delta_i = rowsum(dO ∘ O), fp32 (B, H, N) with text positions first: written by the dq kernel, which
     # reads do and o with one set of strides
