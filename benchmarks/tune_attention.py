@@ -1,7 +1,10 @@
 """Sweep launch configurations of the joint-attention kernels on the GPU (forward, and the backward's two
 kernels together) at the benchmark shapes; prints TFLOP/s per configuration and writes DIR/tune.json.
 
-    python benchmarks/tune_attention.py [fwd] [bwd] --out DIR [--shapes flux1024,dit-xl256]
+    python benchmarks/tune_attention.py [fwd] [bwd] [bwd-dq] [bwd-dkdv] --out DIR [--shapes flux1024,dit-xl256]
+
+bwd sweeps one configuration for both backward kernels; bwd-dq sweeps the dq kernel's with the dk/dv kernel
+at its default, bwd-dkdv (``--dkdv-configs``) the dk/dv kernel's with the dq kernel at its default.
 
 FLOPs as in the benchmarks: forward 4·B·H·N²·d, backward 2.5× that. bf16, CUDA-graph replay (so that the
 launcher's host time does not hide the small shapes' kernel time), after one eager call that compiles.
@@ -20,7 +23,7 @@ import triton
 sys.path.insert(0, os.path.dirname(__file__))
 from harness import environment  # noqa: E402
 
-from fastdit.kernels.attention import Stream, attention_bwd, attention_fwd  # noqa: E402
+from fastdit.kernels.attention import Stream, _config, attention_bwd, attention_fwd  # noqa: E402
 
 SHAPES = {"flux1024": (1, 24, 4096, 512, 128), "sd3_1024": (2, 24, 4096, 154, 64), "dit-xl256": (64, 16, 256, 0, 72),
           "dit512": (8, 16, 1024, 0, 64), "long": (1, 24, 16384, 0, 128)}
@@ -41,8 +44,13 @@ def streams(B, H, n_img, n_txt, d):
 
 
 def parse_configs(text: str):
-    """'128,64,8,3;64,64,4,2' -> [(128, 64, 8, 3), (64, 64, 4, 2)]: (BLOCK_M, BLOCK_N, warps, stages)."""
-    configs = [tuple(int(x) for x in part.split(",")) for part in text.split(";") if part.strip()]
+    """'128,64,8,3;64,64,4,2' -> [(128, 64, 8, 3), (64, 64, 4, 2)]: (BLOCK_M, BLOCK_N, warps, stages);
+    'default' stands for the launcher's own choice."""
+    try:
+        configs = [(None,) * 4 if part.strip() == "default" else tuple(int(x) for x in part.split(","))
+                   for part in text.split(";") if part.strip()]
+    except ValueError:
+        configs = []
     if not configs or any(len(c) != 4 for c in configs):
         raise argparse.ArgumentTypeError(f"expected 'M,N,WARPS,STAGES;...', got {text!r}")
     return configs
@@ -56,6 +64,9 @@ def main():
     parser.add_argument("--fwd-configs", type=parse_configs, default=FWD,
                         help="forward configurations instead of the built-in sweep: 'M,N,WARPS,STAGES;...'")
     parser.add_argument("--bwd-configs", type=parse_configs, default=BWD, help="the same for the backward")
+    parser.add_argument("--dkdv-configs", type=parse_configs, default=None,
+                        help="part bwd-dkdv: dk/dv-kernel configurations (M = queries streamed, N = keys held), "
+                             "swept with the dq kernel at its default")
     args = parser.parse_args()
     results = []
     for name in args.shapes.split(","):
@@ -66,12 +77,18 @@ def main():
         scale = d ** -0.5
         o_img, o_txt, lse = attention_fwd(txt, img, scale, 1e-6, True)
         do_img, do_txt = torch.randn_like(o_img), torch.randn_like(o_txt)
-        for part, configs, mult in (("fwd", args.fwd_configs, 1.0), ("bwd", args.bwd_configs, 2.5)):
+        default_dkdv = _config(d, torch.bfloat16, torch.device("cuda"), None, None, None, None, "dkdv")
+        for part, configs, mult in (("fwd", args.fwd_configs, 1.0), ("bwd", args.bwd_configs, 2.5),
+                                    ("bwd-dq", args.bwd_configs, 2.5), ("bwd-dkdv", args.dkdv_configs or [], 2.5)):
             if part not in args.parts:
                 continue
             best = None
             for bm, bn, w, st in configs:
                 kw = dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+                if part == "bwd-dq":  # the dq kernel's configuration; dk/dv at its default
+                    kw["dkdv_config"] = default_dkdv
+                elif part == "bwd-dkdv":
+                    kw = dict(dkdv_config=(bm, bn, w, st))
                 if part == "fwd":
                     fn = (lambda kw=kw: attention_fwd(txt, img, scale, 1e-6, True, **kw))
                 else:

@@ -25,7 +25,7 @@ contiguous pairs; lse (B, H, N_txt + N_img) float32, natural log, text positions
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -537,29 +537,38 @@ def _bhnd(t):
 
 
 def _config(d: int, dtype: torch.dtype, device: torch.device, block_m: Optional[int], block_n: Optional[int],
-            num_warps: Optional[int], num_stages: Optional[int], backward: bool):
-    """Tiles and launch options: (BLOCK_M, BLOCK_N, warps, stages). GPU defaults for 16-bit inputs from
-    benchmarks/tune_attention.py on an H100 (2026-11-22, results/2026-11-22_h100_tune_attention_headdims.json):
-    forward 128 × 128 with 8 warps and 3 stages at head dim 128 (flux1024, long), 128 × 64 below it (sd3_1024
-    and dit512 at d = 64: +14% and +21% over 128 × 128), with 4 warps at d = 72 (dit-xl256: +30% over 8);
-    backward 64 × 64 with 4 warps, 2 stages at d = 128 and 3 below (+6% at sd3_1024 and dit512). fp32
-    inputs (exact "ieee" dots, no tensor cores; a correctness path) take a quarter of the area: at the
-    16-bit tiles they overflow shared memory, and each fallback step of a refused launch is another slow
-    compile. 16 × 16 in the interpreter."""
+            num_warps: Optional[int], num_stages: Optional[int], kernel: str):
+    """Tiles and launch options of one kernel ("fwd", "dq" or "dkdv"): (BLOCK_M, BLOCK_N, warps, stages);
+    BLOCK_M counts queries and BLOCK_N keys in all three. GPU defaults for 16-bit inputs from
+    benchmarks/tune_attention.py on an H100 (2026-11-22, results/2026-11-22_h100_tune_attention_headdims.json
+    and …_tune_attention_bwd_split_dq.json, …_dkdv.json):
+    - forward 128 × 128 with 8 warps and 3 stages at head dim 128 (flux1024, long), 128 × 64 below it
+      (sd3_1024 and dit512 at d = 64: +14% and +21% over 128 × 128), with 4 warps at d = 72 (dit-xl256:
+      +30% over 8);
+    - dq: 128 queries held against 64 streamed keys, 8 warps, 3 stages (32 keys at d = 72); at d = 80 and 96
+      64 × 64 with 4 warps, which was 5–6% faster there at (64, 16, 256, d);
+    - dk/dv: 128 keys held against 64 streamed queries with 8 warps at d = 128, else 64 × 64 with 4 warps;
+      3 stages.
+    Against one 64 × 64 configuration for both backward kernels (results/2026-11-22_h100_attention_bwd_split_ab.json,
+    same gradients bit for bit): backward +6.7% at flux1024, +3.0% sd3_1024, +2.8% dit-xl256, +3.8% dit512,
+    +6.4% long.
+    fp32 inputs (exact "ieee" dots, no tensor cores; a correctness path) take small tiles: at the 16-bit
+    tiles they overflow shared memory, and each fallback step of a refused launch is another slow compile.
+    16 × 16 in the interpreter."""
     interpret = device.type != "cuda"
     wide = dtype == torch.float32
     if interpret:
-        default_m = default_n = 16
-        warps, stages = 4, 1
-    elif backward:
-        default_m, default_n = (32, 32) if wide else (64, 64)
-        warps, stages = 4, (1 if wide else 2 if d >= 128 else 3)
+        default = (16, 16, 4, 1)
+    elif kernel == "fwd":
+        default = ((64, 64, 4, 2) if wide else
+                   (128, 128 if d >= 128 else 64, 4 if d == 72 else 8, 3))
     elif wide:
-        default_m, default_n, warps, stages = 64, 64, 4, 2
+        default = (32, 32, 4, 1)
+    elif kernel == "dq":
+        default = (64, 64, 4, 3) if d in (80, 96) else (128, 32 if d == 72 else 64, 8, 3)
     else:
-        default_m, default_n = 128, (128 if d >= 128 else 64)
-        warps, stages = (4 if d == 72 else 8), 3
-    return block_m or default_m, block_n or default_n, num_warps or warps, num_stages or stages
+        default = (64, 128, 8, 3) if d >= 128 else (64, 64, 4, 3)
+    return block_m or default[0], block_n or default[1], num_warps or default[2], num_stages or default[3]
 
 
 def _widest_pow2_split(d: int):
@@ -653,7 +662,7 @@ def attention_fwd(txt: Stream, img: Stream, sm_scale: float, eps: float, interle
     N = N_txt + N_img
     dev = img.q.device
     layout = _layout(d, interleaved, txt, img)
-    BM, BN, warps, stages = _config(d, img.q.dtype, dev, block_m, block_n, num_warps, num_stages, backward=False)
+    BM, BN, warps, stages = _config(d, img.q.dtype, dev, block_m, block_n, num_warps, num_stages, "fwd")
     o_img = _utils.new_empty((B, N_img, H, d), img.q.dtype, dev)
     o_txt = _utils.new_empty((B, N_txt, H, d), img.q.dtype, dev)
     align = _head_align((txt.q, txt.k, txt.v, img.q, img.k, img.v, o_img, o_txt))
@@ -699,18 +708,28 @@ def _tiles_to_channels(part_sum: torch.Tensor, layout: dict) -> torch.Tensor:
 def attention_bwd(do_img: torch.Tensor, do_txt: torch.Tensor, txt: Stream, img: Stream, o_img: torch.Tensor,
                   o_txt: torch.Tensor, lse: torch.Tensor, sm_scale: float, eps: float, interleaved: bool, *,
                   block_m: Optional[int] = None, block_n: Optional[int] = None, num_warps: Optional[int] = None,
-                  num_stages: Optional[int] = None):
+                  num_stages: Optional[int] = None, dkdv_config: Optional[Tuple[int, int, int, int]] = None):
     """Backward. Returns a dict with dq/dk/dv of each stream ("dq_img", …, "dv_txt") and, where the stream
     has norm weights, their gradients ("dq_weight_img", "dk_weight_img", "dq_weight_txt", "dk_weight_txt")
-    as fp32 (d,) sums in a fixed order."""
+    as fp32 (d,) sums in a fixed order.
+
+    block_m/block_n/num_warps/num_stages set the dq kernel's launch (BLOCK_M queries held, BLOCK_N keys
+    streamed) and, unless ``dkdv_config`` = (BLOCK_M queries streamed, BLOCK_N keys held, warps, stages)
+    is given, the dk/dv kernel's too."""
     B, N_img, H, d = img.q.shape
     N_txt = txt.n
     N = N_txt + N_img
     dev = img.q.device
     layout = _layout(d, interleaved, txt, img)
     tile_channels = layout["BLOCK_A"] + layout["BLOCK_B"]
-    BM, BN, warps, stages = _config(d, img.q.dtype, dev, block_m, block_n, num_warps, num_stages, backward=True)
+    BM, BN, warps, stages = _config(d, img.q.dtype, dev, block_m, block_n, num_warps, num_stages, "dq")
     explicit = block_m is not None or block_n is not None  # asked-for tiles are not silently replaced
+    if dkdv_config is not None:
+        dkdv, explicit_dkdv = tuple(dkdv_config), True
+    elif any(x is not None for x in (block_m, block_n, num_warps, num_stages)):
+        dkdv, explicit_dkdv = (BM, BN, warps, stages), explicit
+    else:
+        dkdv, explicit_dkdv = _config(d, img.q.dtype, dev, None, None, None, None, "dkdv"), False
     # delta_i = rowsum(dO ∘ O), fp32 (B, H, N) with text positions first: written by the dq kernel, which
     # reads do and o with one set of strides
     delta = _utils.new_empty((B, H, N), torch.float32, dev)
@@ -793,7 +812,7 @@ def attention_bwd(do_img: torch.Tensor, do_txt: torch.Tensor, txt: Stream, img: 
                 ALL_VALID2=keys_full and N_img % block_m == 0)
             return part
 
-        part = _with_fallback(launch_dkdv, (BM, BN, warps, stages), explicit, {})
+        part = _with_fallback(launch_dkdv, dkdv, explicit_dkdv, {})
         if kv.k_weight is not None:
             grads["dk_weight_" + name] = _tiles_to_channels(part.sum(0), layout)
     return grads

@@ -231,6 +231,32 @@ def test_backward_is_bitwise_deterministic(device):
             assert torch.equal(a, b)
 
 
+def test_dkdv_kernel_takes_its_own_tiles(device):
+    """``dkdv_config`` launches the dk/dv kernel with its own tiles (keys held × queries streamed) while the dq
+    kernel keeps its own: dq is bit for bit the default's, dk/dv agree to rounding, with a caption mask,
+    QK-norm and RoPE."""
+    from fastdit.kernels.attention import Stream, _config, attention_bwd, attention_fwd
+
+    B, H, d = 2, 2, 64
+    (qi, ki, vi), (qt, kt, vt) = _inputs(B, 37, 9, H, d, torch.float32, device)
+    weights = [torch.rand(d, device=device) + 0.5 for _ in range(4)]
+    mask = (torch.arange(9, device=device)[None, :] < torch.tensor([[9], [4]], device=device)).to(torch.int8)
+    txt = Stream(qt, kt, vt, weights[2], weights[3], None, mask)
+    img = Stream(qi, ki, vi, weights[0], weights[1], rope_freqs_1d(37, d, device=device))
+    o_img, o_txt, lse = attention_fwd(txt, img, d ** -0.5, 1e-6, True)
+    do_img, do_txt = torch.randn_like(o_img), torch.randn_like(o_txt)
+    args = (do_img, do_txt, txt, img, o_img, o_txt, lse, d ** -0.5, 1e-6, True)
+    default = attention_bwd(*args)
+    dq_tiles = _config(d, torch.float32, torch.device(device), None, None, None, None, "dq")
+    own = attention_bwd(*args, dkdv_config=(dq_tiles[0] * 2, dq_tiles[1] * 2, 4, 1))
+    assert default.keys() == own.keys()
+    for key in default:
+        if key.startswith("dq"):
+            assert torch.equal(default[key], own[key]), key
+        else:
+            torch.testing.assert_close(own[key], default[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
 def test_unsupported_inputs_name_the_problem(device):
     q = torch.randn(1, 4, 2, 32, device=device)
     with pytest.raises(ValueError, match="head dim 32"):
@@ -327,8 +353,9 @@ def test_backward_falls_back_to_smaller_tiles_when_out_of_resources(monkeypatch,
             return launch
 
     real_config = kernels._config
-    monkeypatch.setattr(kernels, "_config", lambda d, dtype, dev, bm, bn, warps, stages, backward: real_config(
-        d, dtype, dev, bm or (64 if backward else None), bn or (64 if backward else None), warps, stages, backward))
+    monkeypatch.setattr(kernels, "_config", lambda d, dtype, dev, bm, bn, warps, stages, kernel: real_config(
+        d, dtype, dev, bm or (64 if kernel != "fwd" else None), bn or (64 if kernel != "fwd" else None), warps,
+        stages, kernel))
     dq_kernel, dkdv_kernel = Refusing(kernels._attn_bwd_dq_kernel), Refusing(kernels._attn_bwd_dkdv_kernel)
     monkeypatch.setattr(kernels, "_attn_bwd_dq_kernel", dq_kernel)
     monkeypatch.setattr(kernels, "_attn_bwd_dkdv_kernel", dkdv_kernel)
