@@ -64,7 +64,7 @@ def main():
     parser.add_argument("--fwd-configs", type=parse_configs, default=FWD,
                         help="forward configurations instead of the built-in sweep: 'M,N,WARPS,STAGES;...'")
     parser.add_argument("--bwd-configs", type=parse_configs, default=BWD, help="the same for the backward")
-    parser.add_argument("--dkdv-configs", type=parse_configs, default=None,
+    parser.add_argument("--dkdv-configs", type=parse_configs, default=BWD,
                         help="part bwd-dkdv: dk/dv-kernel configurations (M = queries streamed, N = keys held), "
                              "swept with the dq kernel at its default")
     args = parser.parse_args()
@@ -79,7 +79,7 @@ def main():
         do_img, do_txt = torch.randn_like(o_img), torch.randn_like(o_txt)
         default_dkdv = _config(d, torch.bfloat16, torch.device("cuda"), None, None, None, None, "dkdv")
         for part, configs, mult in (("fwd", args.fwd_configs, 1.0), ("bwd", args.bwd_configs, 2.5),
-                                    ("bwd-dq", args.bwd_configs, 2.5), ("bwd-dkdv", args.dkdv_configs or [], 2.5)):
+                                    ("bwd-dq", args.bwd_configs, 2.5), ("bwd-dkdv", args.dkdv_configs, 2.5)):
             if part not in args.parts:
                 continue
             best = None
