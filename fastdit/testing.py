@@ -8,9 +8,17 @@ elementwise product) without hand-tuned tolerances per test.
     ref64 = op_ref(*(t.double() for t in inputs))        # the truth
     ref_lp = op_ref(*inputs)                              # the reference in the same dtype
     assert_close_to_reference(fast_op(*inputs), ref_lp, ref64, name="y")
+
+The floor's size is the larger of max|ref64| and ``scale``, the output's natural magnitude. Pass ``scale``
+for outputs whose true value can cancel to exactly zero (the query gradient of attention over one key, a
+gradient through a constant): there max|ref64| is 0, both computations return rounding noise of the terms
+that cancelled, and "2x the reference's noise" is a coin toss that passes on one processor and fails on
+another. :func:`group_scale` gives the natural magnitude of a set of outputs of the same kind (all the
+gradients of one call), which is what the terms of each of them are made of.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -51,8 +59,12 @@ def _max_abs_diff(a: Tensor, b: Tensor) -> float:
 
 
 def compare_to_reference(actual: Tensor, reference: Tensor, reference64: Tensor, *, name: str = "output",
-                         factor: float = 2.0, floor: Optional[float] = None) -> Comparison:
+                         factor: float = 2.0, floor: Optional[float] = None,
+                         scale: Optional[float] = None) -> Comparison:
     """Measure ``actual`` against the float64 truth and the same-dtype reference's own error.
+
+    ``scale``: the output's natural magnitude when its true value may be (near) zero by cancellation; the
+    floor is ``floor * max(max|reference64|, scale)`` (see the module docstring).
 
     Raises AssertionError (naming ``name``) when shapes differ or ``actual`` holds NaN/inf where the
     truth is finite: those are never accuracy questions.
@@ -68,18 +80,31 @@ def compare_to_reference(actual: Tensor, reference: Tensor, reference64: Tensor,
     if floor is None:
         floor = FLOORS.get(reference.dtype, 1e-6)
     magnitude = reference64.detach().abs().max().item() if reference64.numel() else 0.0
+    if scale is not None:
+        if not (scale >= 0 and math.isfinite(scale)):
+            raise ValueError(f"{name}: scale must be a finite number >= 0, got {scale!r}")
+        magnitude = max(magnitude, scale)
     reference_error = _max_abs_diff(reference, reference64)
     allowed = factor * reference_error + floor * max(magnitude, 1e-30)
     return Comparison(name, _max_abs_diff(actual, reference64), reference_error, allowed)
 
 
 def assert_close_to_reference(actual: Tensor, reference: Tensor, reference64: Tensor, *, name: str = "output",
-                              factor: float = 2.0, floor: Optional[float] = None) -> Comparison:
+                              factor: float = 2.0, floor: Optional[float] = None,
+                              scale: Optional[float] = None) -> Comparison:
     """Assert the 2×-the-reference's-error rule (see the module docstring); returns the comparison."""
-    result = compare_to_reference(actual, reference, reference64, name=name, factor=factor, floor=floor)
+    result = compare_to_reference(actual, reference, reference64, name=name, factor=factor, floor=floor,
+                                  scale=scale)
     if not result.ok:
         raise AssertionError(str(result))
     return result
+
+
+def group_scale(tensors) -> float:
+    """max |t| over a group of tensors (Nones skipped): the natural magnitude to pass as ``scale`` for each
+    member, e.g. all the gradients of one attention call (dq over one key is exactly 0, dv is not)."""
+    values = [t.detach().abs().max().item() for t in tensors if t is not None and t.numel()]
+    return max(values, default=0.0)
 
 
 def straight_through_round(t: Tensor, dtype: torch.dtype) -> Tensor:

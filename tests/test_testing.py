@@ -42,3 +42,24 @@ def test_nan_and_shape_mismatch_fail_loudly():
         assert_close_to_reference(bad, lowp, truth, name="y")
     with pytest.raises(AssertionError, match="shape"):
         assert_close_to_reference(lowp[:5], lowp, truth)
+
+
+def test_zero_truth_uses_the_given_scale_not_its_own_zero():
+    """An output that cancels to exactly 0 (dq of attention over one key): both computations return
+    rounding noise; the floor must come from the output's natural scale, or a pass is luck."""
+    truth = torch.zeros(16, dtype=torch.float64)
+    reference = torch.full((16,), 1e-7, dtype=torch.float32)  # the same-dtype reference's noise
+    noise = torch.full((16,), 7e-7, dtype=torch.float32)     # another summation order's noise: 7x
+    assert not compare_to_reference(noise, reference, truth).ok  # the old rule: a coin toss
+    assert compare_to_reference(noise, reference, truth, scale=1.0).ok
+    # the scale only lifts the floor: a real error at that scale still fails
+    assert not compare_to_reference(torch.full((16,), 1e-2), reference, truth, scale=1.0).ok
+
+
+def test_group_scale_and_bad_scale():
+    from fastdit.testing import group_scale
+
+    assert group_scale([torch.zeros(3), None, torch.tensor([-2.0, 1.0])]) == 2.0
+    assert group_scale([]) == 0.0
+    with pytest.raises(ValueError, match="scale"):
+        compare_to_reference(torch.zeros(2), torch.zeros(2), torch.zeros(2, dtype=torch.float64), scale=float("nan"))

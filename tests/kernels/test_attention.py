@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastdit.ops import joint_attention, joint_attention_qk, rope_freqs_1d, rope_freqs_2d
-from fastdit.testing import assert_close_to_reference
+from fastdit.testing import assert_close_to_reference, group_scale
 
 ON_GPU = torch.cuda.is_available()
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if ON_GPU else [])
@@ -63,10 +63,13 @@ def _check(name_fn, inputs, kwargs_for, masked_txt_rows=None):
             o, r, r64 = o * masked_txt_rows, r * masked_txt_rows, r64 * masked_txt_rows.double()
         assert torch.isfinite(o).all(), f"out{i} has non-finite values"
         assert_close_to_reference(o, r, r64, name=f"out{i}")
+    # A gradient can be exactly 0 by cancellation (dq and dk over one key): its floor is scaled by the size of
+    # the gradients of the same call, not by its own zero (see fastdit.testing).
+    grad_scale = group_scale(ref64[1])
     for i, (g, gr, g64) in enumerate(zip(ours[1], ref[1], ref64[1])):
         assert torch.isfinite(g).all(), f"grad {i} has non-finite values"
         assert g.dtype == gr.dtype
-        assert_close_to_reference(g, gr, g64, name=f"grad{i}")
+        assert_close_to_reference(g, gr, g64, name=f"grad{i}", scale=grad_scale)
 
 
 def _rows_mask(lengths, n_txt, layout, dtype):
