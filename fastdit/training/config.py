@@ -32,7 +32,10 @@ class ConfigError(ValueError):
 class RunConfig:
     """Where and how the run executes.
 
-    output_dir: run folder (checkpoints/, samples/, metrics.jsonl, tb/, config.json).
+    output_dir: run folder (checkpoints/, samples/, metrics.jsonl, tb/, config.json). Required (there
+        is no default, so two runs never share one by accident): the ``Trainer`` refuses an empty one with
+        ``ConfigError``. A run whose folder already holds checkpoints resumes from them
+        (``checkpoint.resume=auto``), so the same ``output_dir`` means the same run.
     max_steps: optimizer steps to train for (the loop counts steps, not epochs); a resumed run
         continues until the same total.
     seed: base seed; rank r seeds python/numpy/torch with ``seed + r``.
@@ -55,7 +58,7 @@ class RunConfig:
     tf32: allow TF32 matmuls/convolutions on CUDA (fp32 parts of the step run on tensor cores).
     dist_timeout_s: timeout of collectives; a peer that died makes the others fail after this long.
     """
-    output_dir: str = "runs/default"
+    output_dir: str = ""
     max_steps: int = 1000
     seed: int = 0
     device: str = "auto"
@@ -153,15 +156,30 @@ class CheckpointConfig:
 
     every: save every this many steps (0 = only the final one when ``save_final``).
     keep_last: complete checkpoints kept (older ones are deleted; the newest never is).
-    resume: ``auto`` (latest checkpoint of output_dir if any), ``none`` (start fresh; refuses to run
-        when checkpoints exist, so they are not overwritten by accident) or a checkpoint folder.
-    safetensors: also write ``model.safetensors`` and ``ema.safetensors`` into each checkpoint.
+    resume: ``auto`` (the newest *valid* checkpoint of output_dir if any: a damaged newer one is skipped
+        with a warning naming it and why), ``none`` (start fresh; refuses to run when checkpoints exist,
+        so they are not overwritten by accident) or a checkpoint folder (validated: a damaged one is an
+        error, never silently replaced by another).
+    safetensors: also export the weights as ``model.safetensors`` and ``ema.safetensors`` in each
+        checkpoint (for tools that read safetensors). Off by default: ``state.pt`` already holds the model
+        and the EMA, so the export adds one more copy of the model's weights (parameters and buffers at
+        their training dtype, e.g. 4 bytes per fp32 parameter) plus, with ``ema.enabled``, one of the EMA's
+        (fp32) to every checkpoint. ``fastdit.training.load_weights`` reads ``state.pt`` when there is no
+        export.
     save_final: save when ``max_steps`` is reached.
+
+    On resume, the checkpoint restores the model, the EMA, the optimizer's moment buffers, the counters,
+    the data position and the RNG states; the *new* config decides everything else. In particular the
+    optimizer hyperparameters (``optim.lr``, ``betas``, ``eps``, ``weight_decay``) are written into the
+    loaded optimizer and the LR schedule is rebuilt from ``schedule.*`` at the checkpoint's step (see
+    ``TrainConfig``). Settings that define the model or the data it sees (``model.*``,
+    ``data.latent_shape``, ``data.num_classes``, ``task.name``) must match the checkpoint's: a resume that
+    changes them is refused with ``ConfigError``.
     """
     every: int = 1000
     keep_last: int = 3
     resume: str = "auto"
-    safetensors: bool = True
+    safetensors: bool = False
     save_final: bool = True
 
 
@@ -175,14 +193,16 @@ class LoggingConfig:
     sample_rows: rows of the sample grid.
     tensorboard: also write TensorBoard events when ``tensorboard`` is installed.
     progress_bar: tqdm bar on rank 0's console.
-    peak_tflops: peak dense TFLOP/s of one device for MFU (H100 SXM bf16 dense: 989).
+    peak_tflops: peak dense TFLOP/s of one device for MFU. ``None`` (default): known for an NVIDIA H100 or
+        H200 (989, bf16 dense); on any other device (CPU included) MFU is not computed and the metrics have
+        no ``mfu`` key. Set it to get MFU elsewhere.
     """
     every: int = 10
     sample_every: int = 0
     sample_rows: int = 4
     tensorboard: bool = True
     progress_bar: bool = True
-    peak_tflops: float = 989.0
+    peak_tflops: Optional[float] = None
 
 
 _CHOICES = {
@@ -196,7 +216,19 @@ _CHOICES = {
 
 @dataclass
 class TrainConfig:
-    """The whole trainer configuration (see the module docstring and each section's docstring)."""
+    """The whole trainer configuration (see the module docstring and each section's docstring).
+
+    Resuming with a changed config: the new config wins for everything the checkpoint does not pin down.
+    Optimizer hyperparameters (``optim.lr``, ``optim.betas``, ``optim.eps``, ``optim.weight_decay``; the
+    no-decay group of biases and norm scales stays at 0) are written into the loaded optimizer's param
+    groups, and the LR schedule (``schedule.kind``, ``warmup_steps``, ``total_steps``, ``min_lr_ratio``)
+    is rebuilt from the new config while keeping the checkpoint's step count, so the LR of step ``k`` is
+    ``new optim.lr * new factor(k)``; AdamW's moment buffers (``exp_avg``, ``exp_avg_sq``, ``step``) are
+    kept. The EMA keeps the checkpoint's ``decay`` and ``warmup``. The fields that define the model and the
+    data the model sees (the whole ``model`` section, ``data.latent_shape``, ``data.num_classes``,
+    ``task.name``) cannot change on resume: the trainer refuses with ``ConfigError`` naming each field
+    (see ``MODEL_DEFINING``).
+    """
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -288,7 +320,6 @@ class TrainConfig:
         checks = [
             ("run.max_steps", r.max_steps >= 1, "must be >= 1"),
             ("run.seed", r.seed >= 0, "must be >= 0"),
-            ("run.output_dir", bool(r.output_dir), "must not be empty"),
             ("run.max_consecutive_skips", r.max_consecutive_skips >= 0, "must be >= 0"),
             ("run.dist_timeout_s", r.dist_timeout_s > 0, "must be > 0"),
             ("data.batch_size", d.batch_size >= 1, "must be >= 1"),
@@ -311,7 +342,7 @@ class TrainConfig:
             ("logging.every", lg.every >= 1, "must be >= 1"),
             ("logging.sample_every", lg.sample_every >= 0, "must be >= 0 (0 = never)"),
             ("logging.sample_rows", lg.sample_rows >= 1, "must be >= 1"),
-            ("logging.peak_tflops", lg.peak_tflops > 0, "must be > 0"),
+            ("logging.peak_tflops", lg.peak_tflops is None or lg.peak_tflops > 0, "must be > 0 (or none)"),
         ]
         if s.kind == "cosine" and s.total_steps is None:
             checks.append(("schedule.warmup_steps", s.warmup_steps < r.max_steps,
@@ -321,10 +352,55 @@ class TrainConfig:
                 section, name = key.split(".")
                 raise ConfigError(f"{key} {message}; got {getattr(getattr(self, section), name)!r}")
 
+    def require_output_dir(self) -> None:
+        """Raise ``ConfigError`` when ``run.output_dir`` is empty (the ``Trainer`` calls this; parsing and
+        ``validate`` accept an empty one so that e.g. ``--print-config`` works without it)."""
+        if not self.run.output_dir:
+            raise ConfigError("run.output_dir is required: pass --output-dir DIR (or --set run.output_dir=DIR); "
+                              "a run resumes from DIR when it holds checkpoints")
+
     def diff(self, other: "TrainConfig") -> List[str]:
         """Dotted keys whose values differ between two configs (for resume warnings)."""
         a, b = self.to_dict(), other.to_dict()
         return [f"{sec}.{key}" for sec in a for key in a[sec] if a[sec][key] != b[sec].get(key)]
+
+    def changes(self, other: "TrainConfig") -> List[Tuple[str, Any, Any]]:
+        """``(dotted key, value here, value in other)`` for every setting that differs; free-form
+        ``options`` dicts are compared key by key (``model.options.depth``). A key missing on one side
+        has the value ``UNSET``."""
+        return config_changes(self.to_dict(), other.to_dict())
+
+
+#: The settings that define the model and the data the model sees: a checkpoint only resumes a run
+#: whose config has the same values (a dotted prefix covers the whole section).
+MODEL_DEFINING = ("model", "data.latent_shape", "data.num_classes", "task.name")
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "(unset)"
+
+
+UNSET: Any = _Unset()
+
+
+def config_changes(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> List[Tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for every leaf that differs between two nested config dicts
+    (as ``TrainConfig.to_dict`` or a checkpoint's stored JSON gives them); missing keys are ``UNSET``."""
+    out: List[Tuple[str, Any, Any]] = []
+    for key in list(old) + [k for k in new if k not in old]:
+        a, b = old.get(key, UNSET), new.get(key, UNSET)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, name + ".")
+        elif a != b:
+            out.append((name, a, b))
+    return out
+
+
+def is_model_defining(key: str) -> bool:
+    """Whether a dotted config key is one of (or inside one of) ``MODEL_DEFINING``."""
+    return any(key == k or key.startswith(k + ".") for k in MODEL_DEFINING)
 
 
 # ---- helpers ----------------------------------------------------------------------------------

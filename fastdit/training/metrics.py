@@ -46,13 +46,66 @@ def read_jsonl(path: str) -> list:
     return out
 
 
-def open_tensorboard(log_dir: str):
-    """A ``SummaryWriter`` if TensorBoard is installed, else ``None`` (it is an optional extra)."""
+def truncate_jsonl(path: str, step: int) -> int:
+    """Keep the records of a JSONL log up to ``step``, atomically (temp file + ``os.replace``); returns how
+    many records were removed.
+
+    Used on resume from checkpoint ``step``: the interrupted run logged steps after it that the resumed run
+    logs again. Kept: records whose ``"step"`` is ``<= step`` (metrics and events alike), and records
+    without a step that come before the first removed one. Torn (unparsable) lines are dropped."""
+    kept, dropped, cut = [], 0, False
+    with open(path, "r", encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            at = record.get("step") if isinstance(record, dict) else None
+            if (isinstance(at, (int, float)) and at <= step) or (not isinstance(at, (int, float)) and not cut):
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                cut = True
+                dropped += 1
+    if dropped:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(kept)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    return dropped
+
+
+def open_tensorboard(log_dir: str, purge_step: Optional[int] = None):
+    """A ``SummaryWriter`` if TensorBoard is installed, else ``None`` (it is an optional extra).
+    ``purge_step``: on resume, TensorBoard hides events of this step and later written before the
+    interruption."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(log_dir=log_dir)
+    return SummaryWriter(log_dir=log_dir, purge_step=purge_step)
+
+
+#: Peak dense bf16 TFLOP/s of one device, by a substring of ``torch.cuda.get_device_name``.
+KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+def known_peak_tflops(device: Any) -> Optional[float]:
+    """The peak of ``KNOWN_PEAK_TFLOPS`` for a CUDA device whose name contains a key (H100, H200), else
+    ``None``: MFU against a guessed peak would be meaningless (on CPU in particular)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    try:
+        name = torch.cuda.get_device_name(device)
+    except Exception:  # pragma: no cover - no usable driver
+        return None
+    for key, peak in KNOWN_PEAK_TFLOPS.items():
+        if key in name:
+            return peak
+    return None
 
 
 def throughput(*, steps: int, seconds: float, batch_size: int, world_size: int,
@@ -62,7 +115,7 @@ def throughput(*, steps: int, seconds: float, batch_size: int, world_size: int,
 
     images_per_s counts the global batch (all ranks). ``tflops`` is achieved TFLOP/s *per device*
     (``flops_per_sample`` are true FLOPs of forward + backward for one sample) and ``mfu`` divides it by
-    the per-device ``peak_tflops``.
+    the per-device ``peak_tflops``; without a peak (``None``: unknown device) there is no ``mfu`` key.
     """
     if seconds <= 0 or steps <= 0:
         return {}

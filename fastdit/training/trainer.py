@@ -20,10 +20,27 @@ Resume is exact: the checkpoint holds model, optimizer, scheduler, EMA, counters
 states and data position, restored last, so the continued run draws the same batches and noise as an
 uninterrupted one (bitwise on CPU; on GPU as far as the kernels are deterministic). A resume needs the
 same world size.
+
+Resume policy (``checkpoint.resume``): ``auto`` takes the newest *valid* checkpoint of
+``<run.output_dir>/checkpoints`` (damaged newer ones are skipped with a printed warning naming each and
+the problem; none valid is a ``CheckpointError``). The checkpoint's stored config must agree with the
+current one on the settings that define the model and its data (``model.*``, ``data.latent_shape``,
+``data.num_classes``, ``task.name``), else ``ConfigError`` names each difference. Everything else follows
+the *new* config: optimizer hyperparameters (``optim.lr``, ``betas``, ``eps``, ``weight_decay``) are
+written into the loaded optimizer's param groups (AdamW's moment buffers are kept), and the LR schedule
+is rebuilt from ``schedule.*`` at the checkpoint's step, so step ``k``'s LR is ``new lr * new factor(k)``;
+a message lists the changed settings and which of them were applied. ``metrics.jsonl`` is cut back to the
+checkpoint's step, so steps run after the checkpoint by the interrupted run are not logged twice.
+
+Start-up checks (rank 0, agreed by all ranks before any training step): ``run.output_dir`` must be set,
+be (or become) a writable directory whose ``checkpoints`` entry is a directory, and have room for the
+checkpoints the run will write; each failure is a ``ConfigError`` naming the path (and the numbers). A
+save that still runs out of space raises ``CheckpointWriteError`` on every rank.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import time
@@ -37,15 +54,17 @@ from torch import nn
 from fastdit.data.base import StatefulDataset
 from fastdit.data.prefetch import Prefetcher
 from fastdit.ops.attention import attention_path_choices, set_attention_path_choices
-from fastdit.training.checkpoint import CheckpointManager, load_state, resolve_checkpoint
-from fastdit.training.config import TrainConfig
-from fastdit.training.distributed import DistInfo, all_gather_objects, barrier, init_distributed, shutdown
+from fastdit.training.checkpoint import CheckpointManager, CheckpointWriteError, load_state, resolve_checkpoint
+from fastdit.training.config import UNSET, ConfigError, TrainConfig, config_changes, is_model_defining
+from fastdit.training.distributed import DistInfo, all_gather_objects, init_distributed, shutdown
 from fastdit.training.ema import EMA
-from fastdit.training.metrics import JsonlLogger, open_tensorboard, save_image_grid, throughput
+from fastdit.training.metrics import (JsonlLogger, known_peak_tflops, open_tensorboard, save_image_grid,
+                                      throughput, truncate_jsonl)
+from fastdit.training.run_dir import check_output_dir
 from fastdit.training.rng import get_rng_state, seed_everything, set_rng_state
 from fastdit.training.schedule import build_scheduler
 from fastdit.training.task import task_flops_per_sample, task_tokens_per_sample
-from fastdit.training.utils import _is_dtensor, clean_state_dict, unwrap_model
+from fastdit.training.utils import _is_dtensor, clean_key, clean_state_dict, unwrap_model
 
 
 class NonFiniteError(RuntimeError):
@@ -100,12 +119,17 @@ class Trainer:
     optimizer, LR schedule and EMA. All ranks must build the same model (same seed) and pass a
     ``dataset`` sharded for this rank (``dataset.rank``/``world_size`` are checked when present).
 
+    The constructor also runs the start-up checks (see the module docstring): an empty ``run.output_dir``,
+    an output folder or ``checkpoints`` entry that is a file, an unwritable folder or too little free space
+    for the checkpoints raise ``ConfigError`` on every rank before anything is trained.
+
     Attributes: ``model`` (the wrapped training model), ``raw_model`` (the user's module), ``optimizer``,
     ``scheduler``, ``ema`` (or None), ``dist`` (``DistInfo``), ``step``, ``skipped_steps``, ``run_dir``.
     """
 
     def __init__(self, config: TrainConfig, model: nn.Module, task: Any, dataset: StatefulDataset):
         config.validate()
+        config.require_output_dir()
         if not callable(getattr(task, "loss", None)):
             raise TypeError("task must have a loss(model, batch) method (see fastdit.training.TrainTask)")
         self.config, self.task, self.dataset = config, task, dataset
@@ -117,6 +141,7 @@ class Trainer:
             if have != expect:
                 raise ValueError(f"dataset.{attr} is {have} but this process has {attr} {expect}: build the "
                                  f"dataset with rank={self.dist.rank}, world_size={self.dist.world_size}")
+        self._startup_checks(unwrap_model(model))
         mode = run.distributed
         if mode == "auto":
             mode = "ddp" if self.dist.world_size > 1 else "none"
@@ -157,8 +182,22 @@ class Trainer:
         self._tb = None
         self._bar = None
         self._prefetcher: Optional[Prefetcher] = None
+        self._notes: List[str] = []  # resume warnings, logged once metrics.jsonl is open
 
     # ---- construction helpers -------------------------------------------------------------------
+    def _startup_checks(self, model: nn.Module) -> None:
+        """``check_output_dir`` on rank 0; every rank raises the same ``ConfigError`` (one all-gather, so no
+        rank is left waiting in a later collective)."""
+        problem = None
+        if self.is_main:
+            try:
+                check_output_dir(self.config, model)
+            except ConfigError as err:
+                problem = str(err)
+        problem = all_gather_objects(problem, self.dist)[0]
+        if problem is not None:
+            raise ConfigError(problem)
+
     def _wrap(self, raw: nn.Module) -> nn.Module:
         if self.parallel == "ddp":
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -193,12 +232,17 @@ class Trainer:
         return self.dist.is_main
 
     def fit(self) -> Dict[str, Any]:
-        """Train from the latest checkpoint (or from scratch) to ``run.max_steps``; returns a summary
-        ``{"step", "skipped_steps", "loss", "resumed_from"}``."""
+        """Train from the newest valid checkpoint (or from scratch) to ``run.max_steps``; returns a summary
+        ``{"step", "skipped_steps", "loss", "resumed_from"}``. Raises ``CheckpointError`` (no valid checkpoint,
+        or a damaged one named by ``checkpoint.resume``), ``ConfigError`` (a checkpoint of a different model
+        or data) and ``CheckpointWriteError`` (a save that failed, e.g. a full disk) on every rank."""
         cfg = self.config
-        self._open_logs()
         start = self._resume_or_seed()
+        self._open_logs(resumed_step=start if self.resumed_from else None)
         if self.is_main:
+            for note in self._notes:
+                self._log.write({"event": "warning", "step": start, "message": note})
+            self._notes = []
             self._log.write({"event": "resume" if self.resumed_from else "start", "step": start,
                              "world_size": self.dist.world_size, "parallel": self.parallel,
                              "checkpoint": self.resumed_from})
@@ -231,6 +275,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         tick, paused = time.perf_counter(), 0.0
+        peak = cfg.logging.peak_tflops if cfg.logging.peak_tflops is not None else known_peak_tflops(self.device)
         for step in range(start + 1, cfg.run.max_steps + 1):
             lr = self.optimizer.param_groups[0]["lr"]
             batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
@@ -244,13 +289,16 @@ class Trainer:
             interval.add(loss, grad_norm, skipped)
             last_loss = loss
             if self._bar is not None:
-                self._bar.update(1)
+                if step < cfg.run.max_steps:
+                    self._bar.update(1)
+                else:  # no redraw: closing the bar draws the final line (an update would draw it twice)
+                    self._bar.n = step
             if step % cfg.logging.every == 0 or step == cfg.run.max_steps:
                 # rates cover training only: time spent sampling and checkpointing is left out
                 rates = throughput(steps=interval.steps, seconds=time.perf_counter() - tick - paused,
                                    batch_size=cfg.data.batch_size, world_size=self.dist.world_size,
                                    flops_per_sample=flops, tokens_per_sample=tokens,
-                                   peak_tflops=cfg.logging.peak_tflops)
+                                   peak_tflops=peak)
                 self._write_metrics(step, lr, interval, rates)
                 interval = _Interval()
                 tick, paused = time.perf_counter(), 0.0
@@ -406,7 +454,7 @@ class Trainer:
         # the position after the last batch trained on (a prefetcher's dataset has drawn further)
         position = self._prefetcher.position if self._prefetcher is not None else self.dataset.state_dict()
         positions = all_gather_objects(position, self.dist)
-        path = None
+        path, failure = None, None
         if self.is_main:
             state = {"format": 1, "step": step, "model": model_sd, "optimizer": optim_sd,
                      "scheduler": self.scheduler.state_dict(), "ema": ema_sd, "rng": rngs, "data": positions,
@@ -418,9 +466,22 @@ class Trainer:
                 exports = {"model": model_sd}
                 if ema_sd is not None:
                     exports["ema"] = {**model_sd, **ema_sd["shadow"]}
-            path = self.checkpoints.save(step, state, self.config.to_json(), exports)
-            self._log.write({"event": "checkpoint", "step": step, "path": path})
-        barrier(self.dist)
+            try:
+                path = self.checkpoints.save(step, state, self.config.to_json(), exports)
+            except Exception as err:  # every rank raises it below instead of waiting for rank 0
+                failure = err
+                if self._log is not None:
+                    self._log.write({"event": "checkpoint_failed", "step": step, "error": str(err)})
+            else:
+                self._log.write({"event": "checkpoint", "step": step, "path": path})
+        # one collective that is also the barrier: every rank learns whether rank 0's save failed
+        report = None if failure is None else (isinstance(failure, CheckpointWriteError), str(failure))
+        report = all_gather_objects(report, self.dist)[0]
+        if failure is not None:
+            raise failure
+        if report is not None:
+            raise (CheckpointWriteError if report[0] else RuntimeError)(
+                f"checkpoint of step {step} failed on rank 0: {report[1]}")
         return path
 
     def _resume_or_seed(self) -> int:
@@ -431,17 +492,25 @@ class Trainer:
         if self.is_main:
             self.checkpoints.remove_temporaries()
             resume = cfg.checkpoint.resume
-            if resume == "auto":
-                choice = self.checkpoints.latest()
-            elif resume == "none":
-                if self.checkpoints.latest() is not None:
-                    choice = RuntimeError(f"checkpoint.resume=none but {self.checkpoints.directory} already has "
-                                          "checkpoints; use resume=auto, a checkpoint path, or a new run.output_dir")
-            else:
-                try:
-                    choice = resolve_checkpoint(resume)
-                except FileNotFoundError as err:
-                    choice = err
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    if resume == "auto":
+                        choice = self.checkpoints.latest()
+                    elif resume == "none":
+                        if self.checkpoints.complete():
+                            choice = RuntimeError(f"checkpoint.resume=none but {self.checkpoints.directory} already "
+                                                  "has checkpoints; use resume=auto, a checkpoint path, or a new "
+                                                  "run.output_dir")
+                    else:
+                        choice = resolve_checkpoint(resume)
+            except Exception as err:  # FileNotFoundError, CheckpointError, ...: every rank raises it below
+                choice = err
+            for warning in caught:  # damaged checkpoints skipped: say so on the console and in the log
+                self._info(f"warning: {warning.message}")
+                self._notes.append(str(warning.message))
+            if isinstance(choice, str):
+                choice = self._check_compatible(choice)
         choice = all_gather_objects(choice, self.dist)[0]
         if isinstance(choice, Exception):
             raise choice
@@ -457,14 +526,20 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
         state = load_state(path)
+        stored = _stored_config(state.get("config"))
+        problem = self._model_changes(path, stored)
+        if problem:
+            raise ConfigError(problem)
         if state["world_size"] != self.dist.world_size:
             raise RuntimeError(f"checkpoint {path} was written by {state['world_size']} ranks, this run has "
                                f"{self.dist.world_size}: exact resume needs the same world size (per-rank RNG "
                                "and data positions)")
         opts = StateDictOptions(full_state_dict=True, strict=True)
         set_model_state_dict(self.model, clean_state_dict(state["model"]), options=opts)
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
-        self.scheduler.load_state_dict(state["scheduler"])
+        set_optimizer_state_dict(self.model, self.optimizer, self._regroup_optimizer_state(state["optimizer"]),
+                                 options=opts)
+        self._apply_optimizer_config()
+        self._restore_schedule(state["scheduler"])
         if self.ema is not None:
             if state.get("ema") is not None:
                 self.ema.load_state_dict(state["ema"])
@@ -477,22 +552,128 @@ class Trainer:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
         self.resumed_from = path
-        if self.is_main:
-            changed = TrainConfig.from_json_string(state["config"]).diff(self.config)
-            if changed:
-                self._info(f"resuming from {path} with changed settings: {', '.join(changed)}")
+        if self.is_main and stored is not None:
+            message = self._changes_message(path, stored)
+            if message:
+                self._info(message)
         set_rng_state(state["rng"][self.dist.rank], self.device)  # last: nothing may draw after this
 
+    # ---- resume helpers ---------------------------------------------------------------------------
+    def _check_compatible(self, path: str) -> Any:
+        """``path``, or the ``ConfigError`` a resume from it would raise (read from its config.json, so
+        rank 0 can refuse before any rank loads the state)."""
+        try:
+            with open(os.path.join(path, "config.json"), "r", encoding="utf-8") as fh:
+                stored = _stored_config(fh.read())
+        except OSError:
+            return path  # load_checkpoint checks the copy inside state.pt
+        problem = self._model_changes(path, stored)
+        return ConfigError(problem) if problem else path
+
+    def _model_changes(self, path: str, stored: Optional[Dict[str, Any]]) -> Optional[str]:
+        """The refusal message when the checkpoint's config differs from this one in what defines the
+        model and its data (``config.MODEL_DEFINING``), else None."""
+        if stored is None:
+            return None
+        diffs = [(k, a, b) for k, a, b in config_changes(stored, self.config.to_dict()) if is_model_defining(k)]
+        if not diffs:
+            return None
+        listed = ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, a, b in diffs)
+        return (f"cannot resume from {path}: it was trained with a different model or data ({listed}). A "
+                "checkpoint only continues the run that wrote it: to train this configuration, use a new "
+                "run.output_dir (--output-dir DIR); to continue the old run, put these settings back")
+
+    def _changes_message(self, path: str, stored: Dict[str, Any]) -> Optional[str]:
+        """'resuming ... with changed settings' with old -> new values and what was applied."""
+        diffs = [(k, a, b) for k, a, b in config_changes(stored, self.config.to_dict())
+                 if k != "checkpoint.resume"]
+        if not diffs:
+            return None
+        listed = ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, a, b in diffs)
+        keys = [k for k, _, _ in diffs]
+        optim = [k for k in keys if k in ("optim.lr", "optim.betas", "optim.eps", "optim.weight_decay")]
+        sched = [k for k in keys if k.startswith("schedule.")] + (["run.max_steps"] if "run.max_steps" in keys
+                                                                   and self.config.schedule.total_steps is None
+                                                                   else [])
+        kept = [k for k in keys if k in ("ema.decay", "ema.warmup")]
+        parts = [f"resuming from {path} (step {self.step}) with changed settings: {listed}"]
+        if optim:
+            parts.append(f"applied to the loaded optimizer: {', '.join(optim)}")
+        if optim or sched:
+            lrs = ", ".join(f"{g['lr']:.6g}" for g in self.optimizer.param_groups)
+            parts.append(f"LR schedule rebuilt from the new config at step {self.step}"
+                         + (f" ({', '.join(sched)})" if sched else "") + f": next lr {lrs}")
+        if kept:
+            parts.append(f"not applied (the checkpoint's EMA settings are kept): {', '.join(kept)}")
+        return "; ".join(parts)
+
+    def _param_names(self) -> Dict[int, str]:
+        names: Dict[int, str] = {}
+        for name, p in self.raw_model.named_parameters():
+            names.setdefault(id(p), clean_key(name))
+        return names
+
+    def _regroup_optimizer_state(self, saved: Dict[str, Any]) -> Dict[str, Any]:
+        """The saved (FQN-keyed) optimizer state with its param groups replaced by this optimizer's: the
+        same parameters by name, this config's hyperparameters, so a checkpoint whose grouping differs
+        (weight decay turned on or off) still loads, and no old hyperparameter survives the load."""
+        if not isinstance(saved, dict) or "state" not in saved or not all(
+                isinstance(k, str) for k in saved["state"]):
+            return saved  # not the FQN-keyed form get_optimizer_state_dict writes: load as it is
+        names = self._param_names()
+        groups = []
+        for group in self.optimizer.param_groups:
+            entry = {k: v for k, v in group.items() if k != "params"}
+            entry["params"] = [names[id(p)] for p in group["params"]]
+            groups.append(entry)
+        return {"state": saved["state"], "param_groups": groups}
+
+    def _apply_optimizer_config(self) -> None:
+        """Write ``optim.lr``/``betas``/``eps``/``weight_decay`` into the param groups (the no-decay group
+        of biases and norm scales keeps weight decay 0); the moment buffers are left as loaded."""
+        o = self.config.optim
+        decay_ids = {id(p) for p in self.params if p.dim() >= 2}
+        for group in self.optimizer.param_groups:
+            decays = o.weight_decay > 0 and any(id(p) in decay_ids for p in group["params"])
+            group.update(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay if decays else 0.0,
+                         initial_lr=o.lr)
+
+    def _restore_schedule(self, saved: Dict[str, Any]) -> None:
+        """Keep the checkpoint's step count, take the schedule and base LR from this config: the LR of the
+        next step is ``optim.lr * factor(completed steps)`` of the new schedule."""
+        completed = int(saved["last_epoch"])
+        sch = self.scheduler
+        state = dict(saved)
+        state["base_lrs"] = [self.config.optim.lr] * len(self.optimizer.param_groups)
+        state["lr_lambdas"] = [None] * len(self.optimizer.param_groups)
+        lrs = [base * fn(completed) for base, fn in zip(state["base_lrs"], sch.lr_lambdas)]
+        state["_last_lr"] = lrs
+        sch.load_state_dict(state)
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+
     # ---- logging --------------------------------------------------------------------------------
-    def _open_logs(self) -> None:
+    def _open_logs(self, resumed_step: Optional[int] = None) -> None:
+        """Write config.json and open metrics.jsonl (and TensorBoard) on rank 0. After a resume from step
+        ``resumed_step``, records of later steps (logged by the interrupted run after its last checkpoint,
+        and run again now) are removed first, so every step appears once."""
         if not self.is_main or self._log is not None:
             return
         os.makedirs(self.run_dir, exist_ok=True)
-        with open(os.path.join(self.run_dir, "config.json"), "w", encoding="utf-8") as fh:
+        tmp = os.path.join(self.run_dir, f".config.json.tmp-{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(self.config.to_json())
-        self._log = JsonlLogger(os.path.join(self.run_dir, "metrics.jsonl"))
+        os.replace(tmp, os.path.join(self.run_dir, "config.json"))
+        metrics = os.path.join(self.run_dir, "metrics.jsonl")
+        if resumed_step is not None and os.path.exists(metrics):
+            dropped = truncate_jsonl(metrics, resumed_step)
+            if dropped:
+                self._info(f"metrics.jsonl: removed {dropped} record(s) after step {resumed_step} (the resumed "
+                           "steps are logged again)")
+        self._log = JsonlLogger(metrics)
         if self.config.logging.tensorboard:
-            self._tb = open_tensorboard(os.path.join(self.run_dir, "tb"))
+            self._tb = open_tensorboard(os.path.join(self.run_dir, "tb"),
+                                        purge_step=None if resumed_step is None else resumed_step + 1)
 
     def _progress_bar(self, start: int):
         if not (self.is_main and self.config.logging.progress_bar):
@@ -552,3 +733,23 @@ class _Interval:
 
     def mean_norm(self) -> Optional[float]:
         return sum(self.norms) / len(self.norms) if self.norms else None
+
+
+def _stored_config(text: Any) -> Optional[Dict[str, Any]]:
+    """A checkpoint's stored config as a nested dict (None when absent or unreadable: nothing to compare)."""
+    if not isinstance(text, str):
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _show(value: Any) -> str:
+    """A config value in a message: strings quoted, lists/dicts as JSON, a missing key as (unset)."""
+    if value is UNSET:
+        return "(unset)"
+    if isinstance(value, str):
+        return repr(value)
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)

@@ -20,7 +20,8 @@ def test_save_writes_complete_checkpoints_and_moves_latest(tmp_path):
         assert m.latest() == path and os.path.basename(path) == f"step_{step:09d}"
         assert (tmp_path / "latest").read_text().strip() == os.path.basename(path)
     assert [s for s, _ in m.complete()] == [20, 30]  # keep_last=2
-    assert sorted(os.listdir(tmp_path / "step_000000030")) == ["config.json", "model.safetensors", "state.pt"]
+    assert sorted(os.listdir(tmp_path / "step_000000030")) == ["config.json", "manifest.json", "model.safetensors",
+                                                              "state.pt"]
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
     assert load_state(m.latest())["step"] == 30
     assert resolve_checkpoint(str(tmp_path)) == m.latest()

@@ -1,10 +1,8 @@
-import argparse
 import json
 
 import pytest
 
 from fastdit.training import ConfigError, TrainConfig
-from fastdit.training.cli import add_train_arguments, config_from_args
 
 
 def test_defaults_validate_and_round_trip_through_json():
@@ -66,21 +64,24 @@ def test_bad_files_and_json_types(tmp_path):
         TrainConfig.from_dict({"ema": {"decya": 0.9}})
 
 
-def test_cli_helpers_build_the_config(tmp_path):
-    (tmp_path / "c.json").write_text(json.dumps({"run": {"max_steps": 7}}))
-    parser = add_train_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--config", str(tmp_path / "c.json"), "--output-dir", str(tmp_path / "run"),
-                              "--no-compile", "--set", "optim.lr=1e-3", "ema.enabled=false", "--max-steps", "9"])
-    cfg = config_from_args(args, parser)
-    assert cfg.run.max_steps == 9 and cfg.run.output_dir == str(tmp_path / "run") and cfg.run.compile is False
-    assert cfg.optim.lr == 1e-3 and cfg.ema.enabled is False
-    args = parser.parse_args(["--set", "optim.nope=1"])
-    with pytest.raises(SystemExit):
-        config_from_args(args, parser)
-    with pytest.raises(ConfigError):
-        config_from_args(args)
-
-
 def test_diff_lists_changed_keys():
     a, b = TrainConfig(), TrainConfig.from_dict({}, ["optim.lr=1", "run.max_steps=5"])
     assert sorted(a.diff(b)) == ["optim.lr", "run.max_steps"]
+
+
+def test_changes_name_nested_options_and_the_new_defaults():
+    a = TrainConfig.from_dict({"model": {"name": "DiT-S/2", "options": {"depth": 2, "qk_norm": True}}})
+    b = TrainConfig.from_dict({"model": {"name": "DiT-B/2", "options": {"depth": 4}}}, ["optim.lr=1e-3"])
+    from fastdit.training.config import UNSET, is_model_defining
+    assert a.changes(b) == [("model.name", "DiT-S/2", "DiT-B/2"), ("model.options.depth", 2, 4),
+                            ("model.options.qk_norm", True, UNSET), ("optim.lr", 1e-4, 1e-3)]
+    assert [is_model_defining(k) for k, _, _ in a.changes(b)] == [True, True, True, False]
+    assert is_model_defining("data.latent_shape") and not is_model_defining("data.batch_size")
+    # run.output_dir has no default (the Trainer requires it); the safetensors export and MFU peak are opt-in
+    cfg = TrainConfig()
+    assert cfg.run.output_dir == "" and cfg.checkpoint.safetensors is False and cfg.logging.peak_tflops is None
+    with pytest.raises(ConfigError, match="run.output_dir is required: pass --output-dir DIR"):
+        cfg.require_output_dir()
+    assert TrainConfig.from_dict({}, ["logging.peak_tflops=500"]).logging.peak_tflops == 500.0
+    with pytest.raises(ConfigError, match="logging.peak_tflops must be > 0"):
+        TrainConfig.from_dict({}, ["logging.peak_tflops=0"])

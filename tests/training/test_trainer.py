@@ -46,7 +46,7 @@ def test_stop_and_resume_in_process_is_bitwise_exact(toy, tmp_path, data):
 
 
 def test_checkpoint_contents_are_clean_plain_and_exported(toy, tmp_path):
-    cfg = toy.toy_config(tmp_path, **{"run.max_steps": 4, "checkpoint.every": 4})
+    cfg = toy.toy_config(tmp_path, **{"run.max_steps": 4, "checkpoint.every": 4, "checkpoint.safetensors": True})
     trainer = _fit(toy, cfg)
     path = trainer.checkpoints.latest()
     state = torch.load(os.path.join(path, STATE_FILE), weights_only=True)  # plain containers only
@@ -93,6 +93,7 @@ def test_resume_errors(toy, tmp_path):
     state = load_state(str(tmp_path / "checkpoints" / "step_000000004"))
     state["world_size"] = 2
     torch.save(state, tmp_path / "checkpoints" / "step_000000004" / STATE_FILE)
+    toy.reseal(tmp_path / "checkpoints" / "step_000000004")
     with pytest.raises(RuntimeError, match="same world size"):
         _fit(toy, toy.toy_config(tmp_path, **{"run.max_steps": 6}))
     cfg = toy.toy_config(tmp_path / "d")
@@ -173,7 +174,7 @@ def test_samples_metrics_and_untouched_training_rng(toy, tmp_path):
     rec = records[0]
     assert rec["images_per_s"] > 0 and rec["tokens_per_s"] == pytest.approx(16 * rec["images_per_s"])
     assert rec["tflops"] == pytest.approx(rec["images_per_s"] * 1e6 / 1e12)
-    assert rec["mfu"] == pytest.approx(rec["tflops"] / 989.0)
+    assert "mfu" not in rec  # CPU: no known peak, no MFU (see test_mfu_needs_a_known_or_given_peak)
     assert rec["skipped_steps"] == 0 and rec["lr"] > 0 and rec["grad_norm"] > 0
 
 

@@ -172,3 +172,23 @@ def step_records(run_dir):
             repeats.append((records[rec["step"]], rec))
         records[rec["step"]] = rec
     return records, repeats
+
+
+def reseal(folder):
+    """Rewrite a checkpoint's manifest.json after a test edited its files on purpose (sizes and sha256
+    of every other file), so that the edit is not taken for damage."""
+    import hashlib
+    import json
+    folder = str(folder)
+    path = os.path.join(folder, "manifest.json")
+    with open(path) as fh:
+        manifest = json.load(fh)
+    files = {}
+    for name in sorted(os.listdir(folder)):
+        if name != "manifest.json":
+            with open(os.path.join(folder, name), "rb") as fh:
+                data = fh.read()
+            files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest["files"] = files
+    with open(path, "w") as fh:
+        json.dump(manifest, fh)
