@@ -176,7 +176,7 @@ def dit_variants(args, device) -> List[Dict]:
 def trainer_run(args, device, B, latent, size) -> Dict:
     """``Trainer.fit`` as ``fastdit train`` runs it; rates from its own metrics records."""
     from fastdit.training import TrainConfig, Trainer
-    from fastdit.training.entry import build
+    from fastdit.training.build import build
     from fastdit.training.metrics import read_jsonl
 
     every = max(2, args.steps // 3)

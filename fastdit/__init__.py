@@ -2,5 +2,5 @@
 from fastdit.backend import BACKENDS, get_backend, set_backend, use_backend
 from fastdit import ops  # registers the torch.ops.fastdit.* library ops (imports no Triton)
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 __all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "ops", "__version__"]

@@ -20,6 +20,12 @@ def test_demo_quick_run_writes_the_grid_samples_and_report(tmp_path, capsys):
     # both stages checkpointed: a second run resumes at the last step instead of training again
     assert (out_dir / "autoencoder" / "checkpoints" / "latest").exists()
     assert (out_dir / "denoiser" / "checkpoints" / "latest").exists()
+    # the demo's folder is a run `fastdit sample` can use: it finds the denoiser, rebuilds it from its
+    # config.json and decodes through the autoencoder the run used
+    assert main(["sample", str(out_dir), "--steps", "2", "--classes", "3,7", "--num-per-class", "2",
+                 "--no-progress", "--device", "cpu"]) == 0
+    with np.load(next((out_dir / "denoiser" / "samples").glob("sample_step_*.npz"))) as drawn:
+        assert drawn["images"].shape == (4, 1, 16, 16) and drawn["labels"].tolist() == [3, 3, 7, 7]
 
 
 def test_info_reports_versions_and_op_paths(capsys):

@@ -1,8 +1,11 @@
 """In-memory tensors as an infinite, sharded, per-epoch-shuffled stream of batches."""
 from __future__ import annotations
 
+import os
+import pickle
 from typing import Any, Dict, Iterator, Mapping, Optional
 
+import numpy as np
 import torch
 
 from fastdit.data.base import Batch, StatefulDataset, _check_common, derive_seed
@@ -84,3 +87,24 @@ class TensorDictDataset(StatefulDataset):
         if epoch < 0 or not 0 <= index < self.shard_size:
             raise ValueError(f"TensorDictDataset.load_state_dict: bad position epoch={epoch} index={index}")
         self.epoch, self.index = epoch, index
+
+
+def load_tensor_file(path: str) -> Dict[str, torch.Tensor]:
+    """The tensors of a ``.pt`` (``torch.load(weights_only=True)``: a dict of tensors) or ``.npz`` file (no
+    pickles). ``ValueError`` naming the file for a missing file, another extension, or other contents."""
+    if not os.path.isfile(path):
+        raise ValueError(f"data.path: no file at {path!r}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".pt", ".pth"):
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+            raise ValueError(f"data.path: {path} is not a tensor file or holds an unsafe pickle "
+                             f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        if not isinstance(data, dict) or not all(torch.is_tensor(v) for v in data.values()):
+            raise ValueError(f"data.path: {path} must hold a dict of tensors")
+        return dict(data)
+    if ext == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            return {k: torch.from_numpy(np.ascontiguousarray(archive[k])) for k in archive.files}
+    raise ValueError(f"data.path: {path} is neither a .pt nor an .npz file")

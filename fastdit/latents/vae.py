@@ -49,17 +49,31 @@ class AutoencoderKLLatents(LatentSpace):
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, subfolder: Optional[str] = None, dtype: Optional[torch.dtype] = None,
-                        device=None, **kwargs) -> "AutoencoderKLLatents":
-        """Load with ``diffusers.AutoencoderKL.from_pretrained(path_or_id, subfolder=..., **kwargs)`` (a local
-        directory, or a Hub id when the network and cache allow it), then move to device/dtype and wrap.
-        ``subfolder="vae"`` reads the VAE of a full pipeline repository."""
+                        device=None, allow_download: bool = False, **kwargs) -> "AutoencoderKLLatents":
+        """Load with ``diffusers.AutoencoderKL.from_pretrained(path_or_id, subfolder=..., **kwargs)``, then move
+        to device/dtype and wrap. ``subfolder="vae"`` reads the VAE of a full pipeline repository.
+
+        Nothing is fetched from a hub unless ``allow_download=True``: by default ``path_or_id`` must be a local
+        directory or already in the local Hugging Face cache (``local_files_only=True``); a missing model is a
+        ``FileNotFoundError`` that says so."""
         try:
             from diffusers import AutoencoderKL
         except ImportError as err:  # pragma: no cover - depends on the environment
             raise ImportError("AutoencoderKLLatents needs diffusers: pip install diffusers") from err
         if subfolder is not None:
             kwargs["subfolder"] = subfolder
-        vae = AutoencoderKL.from_pretrained(path_or_id, **kwargs)
+        if not allow_download:
+            kwargs["local_files_only"] = True
+        try:
+            vae = AutoencoderKL.from_pretrained(path_or_id, **kwargs)
+        except OSError as err:  # diffusers raises EnvironmentError (= OSError) for a model it cannot find
+            if allow_download:
+                raise
+            where = f"{path_or_id}" + (f" (subfolder {subfolder})" if subfolder else "")
+            raise FileNotFoundError(f"no local AutoencoderKL at {where}: fastdit loads models from local "
+                                    f"directories or the local cache only, unless downloads are allowed "
+                                    f"explicitly (allow_download=True; in a run config "
+                                    f"data.options.vae_allow_download=true). {str(err).splitlines()[0]}") from None
         vae.to(device=device, dtype=dtype)
         return cls(vae)
 

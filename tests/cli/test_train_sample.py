@@ -1,4 +1,5 @@
-"""`fastdit train` / `fastdit sample` (fastdit.training.entry): tiny models trained for a few steps on CPU,
+"""`fastdit train` / `fastdit sample` (fastdit.cli.train, fastdit.cli.sample over fastdit.training.build and
+fastdit.training.sampling): tiny models trained for a few steps on CPU,
 then sampled from the run directory; the memory data kind; a latent space; the CLI wiring; error messages."""
 import json
 import os
@@ -12,8 +13,9 @@ from PIL import Image
 
 from fastdit.cli import main as cli_main
 from fastdit.training import TrainConfig
-from fastdit.training.entry import (ClassConditioner, build, latents_to_images, main_sample, main_train,
-                                    save_autoencoder)
+from fastdit.cli.sample import main as main_sample
+from fastdit.cli.train import main as main_train
+from fastdit.training.build import ClassConditioner, build, latents_to_images, save_autoencoder
 
 TINY_DIT = ["model.name=DiT-S/2", "model.options.depth=1", "model.options.hidden_size=32",
             "model.options.num_heads=2", "model.options.input_size=8", "model.options.in_channels=4",
@@ -55,8 +57,10 @@ def dit_run(tmp_path_factory):
 
 def test_train_writes_checkpoints_grids_and_config(dit_run):
     assert sorted(os.listdir(dit_run / "checkpoints")) == ["latest", "step_000000002", "step_000000004"]
-    for name in ("model.safetensors", "ema.safetensors", "config.json", "state.pt"):
+    for name in ("config.json", "state.pt", "manifest.json"):
         assert (dit_run / "checkpoints" / "step_000000004" / name).is_file()
+    # the weights are stored once (state.pt); safetensors exports are opt-in (checkpoint.safetensors=true)
+    assert not list((dit_run / "checkpoints" / "step_000000004").glob("*.safetensors"))
     saved = TrainConfig.from_json(str(dit_run / "config.json"))
     assert saved.model.name == "DiT-S/2" and saved.model.options["depth"] == 1 and saved.run.max_steps == 4
     # trainer grid: logging.sample_rows=2 classes x per_class=2 samples of 8x8, 2 px padding
@@ -95,7 +99,7 @@ def test_sample_defaults_no_ema_and_an_older_checkpoint(dit_run, capsys):
     (["--sampler", "ddim"], "does not match the rectified_flow objective"),
     (["--classes", "0,10"], "class id(s) [10] out of range"),
     (["--classes", "a,b"], "comma-separated integers"),
-    (["--steps", "0"], "--steps must be at least 1"),
+    (["--steps", "0"], "steps must be an integer >= 1"),
     (["--guidance-interval", "0.8,0.2"], "0 <= LO <= HI <= 1"),
 ])
 def test_sample_errors(dit_run, argv, message, capsys):
@@ -103,9 +107,11 @@ def test_sample_errors(dit_run, argv, message, capsys):
 
 
 def test_sample_missing_checkpoint(tmp_path, capsys):
-    assert "no complete fastdit checkpoint" in _error(main_sample, [str(tmp_path / "nowhere")], capsys)
+    assert "no fastdit checkpoint at or under" in _error(main_sample, [str(tmp_path / "nowhere")], capsys)
     (tmp_path / "empty_run" / "checkpoints").mkdir(parents=True)
-    assert "no complete fastdit checkpoint" in _error(main_sample, [str(tmp_path / "empty_run")], capsys)
+    assert "checkpoint" in _error(main_sample, [str(tmp_path / "empty_run")], capsys)
+    (tmp_path / "no_runs").mkdir()
+    assert "no fastdit checkpoint at or under" in _error(main_sample, [str(tmp_path / "no_runs")], capsys)
 
 
 def test_resume_continues_the_run(dit_run, tmp_path, capsys):
