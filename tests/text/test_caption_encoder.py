@@ -33,10 +33,10 @@ def tiny(tiny_encoder_dir):
 
 
 def test_shapes_mask_and_padding(tiny):
-    emb, mask = tiny.encode(["a photo of a cat", "dog", ""], max_length=10)
+    emb, mask = tiny.encode(["a photo of a cat", "dog", "a"], max_length=10)
     assert emb.shape == (3, 10, HIDDEN) and emb.dtype == torch.float32
     assert mask.shape == (3, 10) and mask.dtype == torch.bool
-    assert mask.sum(1).tolist() == [7, 3, 2]  # words + [CLS] and [SEP]
+    assert mask.sum(1).tolist() == [7, 3, 3]  # words + [CLS] and [SEP]
     for row in mask:  # real tokens first, then padding
         n = int(row.sum())
         assert row[:n].all() and not row[n:].any()
@@ -57,6 +57,37 @@ def test_embeddings_are_the_models_masked_hidden_states(tiny, tiny_encoder_dir):
         n = ids["input_ids"].shape[1]
         assert int(mask[i].sum()) == n
         torch.testing.assert_close(emb[i, :n], ref, rtol=1e-4, atol=1e-5)
+
+
+def _check_null_caption(encoder, length):
+    """An empty or whitespace-only caption is the null caption: no tokens (mask all False) and zero embeddings,
+    the unconditional input of training (caption dropout) and guidance; other captions in the batch are as
+    when encoded alone."""
+    captions = ["", "a dog", "   ", "\t\n"]
+    emb, mask = encoder.encode(captions, max_length=length)
+    assert emb.shape == (4, length, encoder.embed_dim) and mask.shape == (4, length)
+    for i in (0, 2, 3):
+        assert not mask[i].any() and torch.all(emb[i] == 0)
+    alone, alone_mask = encoder.encode(["a dog"], max_length=length)
+    assert torch.equal(mask[1], alone_mask[0]) and int(mask[1].sum()) >= 3
+    torch.testing.assert_close(emb[1], alone[0], rtol=1e-4, atol=1e-5)
+    # a batch of null captions only (the model need not run) and dropout's input agree
+    only, only_mask = encoder.encode([""], max_length=length)
+    assert only.shape == (1, length, encoder.embed_dim) and only.dtype == torch.float32
+    assert not only_mask.any() and torch.all(only == 0)
+    ctx, ctx_mask = encoder.encode(["a dog"], max_length=length)
+    from fastdit.diffusion import RectifiedFlow
+    from fastdit.diffusion.task import DiffusionTask
+    dropped = DiffusionTask(RectifiedFlow(), ("context", "context_mask"), caption_dropout=0.999999).condition(
+        {"x": torch.zeros(1), "context": ctx, "context_mask": ctx_mask})
+    assert torch.equal(dropped["context_mask"], only_mask) and torch.equal(dropped["context"], only)
+
+
+def test_empty_caption_is_the_null_caption(tiny):
+    from fastdit.text import is_null_caption
+
+    assert is_null_caption("") and is_null_caption(" \t") and not is_null_caption(" a ")
+    _check_null_caption(tiny, 10)
 
 
 def test_truncation(tiny):
@@ -118,6 +149,7 @@ def test_default_minilm_encoder():
     sim = pooled @ pooled.T
     assert sim[0, 1] > 0.5 > sim[0, 2]
     assert torch.equal(enc.encode(captions)[0], emb)  # deterministic (eval mode, no dropout)
+    _check_null_caption(enc, 16)
 
 
 def test_on_device(tiny_encoder_dir, device):

@@ -1,0 +1,134 @@
+"""The digits demo's runs are complete: the denoiser's stored config rebuilds the trained model
+(fastdit.training.build.build_model, strict weights) and names the data and the autoencoder that was used
+(fitted latent statistics); the console summary does not grade a quick run against the full demo's target."""
+import dataclasses
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+from fastdit.demos import digits
+from fastdit.demos.digits import DigitsDemoConfig, summary_lines
+
+
+def _tiny(tmp_path, mode="class"):
+    """The quick demo with even fewer steps and a smaller denoiser (seconds on a CPU)."""
+    quick = DigitsDemoConfig(out_dir=str(tmp_path / "demo"), mode=mode, device="cpu", progress=False).quick()
+    return dataclasses.replace(quick, ae_steps=3, dit_steps=3, ae_batch=32, dit_batch=32, samples_per_class=1,
+                               sample_steps=2, hidden_size=32, num_heads=2, depth=2)
+
+
+def _check_run(out, ae_used_stats=None):
+    from fastdit.training import TrainConfig
+    from fastdit.training.build import build_latent_space, build_model, model_family
+    from fastdit.training.checkpoint import load_state
+
+    config = TrainConfig.from_json(os.path.join(out, "denoiser", "config.json"))
+    # the stored config says what was trained: the latents file and the autoencoder in the out dir
+    assert config.data.kind == "memory" and config.data.num_classes == 10
+    assert os.path.samefile(config.data.path, os.path.join(out, "latents.pt"))
+    assert os.path.samefile(config.data.options["autoencoder"], os.path.join(out, "autoencoder.pt"))
+    assert config.task.name == "rectified_flow" and config.task.options["time_sampling"] == "logit_normal"
+    assert os.path.samefile(config.run.output_dir, os.path.join(out, "denoiser"))
+    data = torch.load(config.data.path, weights_only=True)
+    assert list(config.data.latent_shape) == list(data["x"].shape[1:]) == [4, 4, 4]
+
+    model = build_model(config)
+    checkpoints = sorted(glob.glob(os.path.join(out, "denoiser", "checkpoints", "step_*")))
+    assert checkpoints
+    state = load_state(checkpoints[-1])
+    model.load_state_dict(state["model"], strict=True)  # the same architecture, every key
+    assert model.config.patch_size == 1 and model.config.hidden_size == 32 and not model.config.learn_sigma
+    # the autoencoder stage names no model preset (nothing there to sample: `fastdit sample <out>` picks the
+    # denoiser), but records the ConvAutoencoder it trained and its own run folder
+    ae_config = TrainConfig.from_json(os.path.join(out, "autoencoder", "config.json"))
+    assert ae_config.model.name == "" and ae_config.model.options["latent_channels"] == 4
+    assert os.path.samefile(ae_config.run.output_dir, os.path.join(out, "autoencoder"))
+    # the checkpoint's copy of the config is the same
+    assert TrainConfig.from_json_string(state["config"]).to_dict() == config.to_dict()
+
+    # the autoencoder file is the latent space the run used: fitted statistics
+    ae = build_latent_space(config)
+    assert ae.stats_fitted and ae.latent_mean.abs().min() > 0
+    assert not torch.equal(ae.latent_std, torch.ones_like(ae.latent_std))
+    report = json.loads(open(os.path.join(out, "report.json")).read())
+    assert torch.equal(ae.latent_mean, torch.tensor(report["autoencoder"]["latent_mean"]))
+    assert torch.equal(ae.latent_std, torch.tensor(report["autoencoder"]["latent_std"]))
+    if ae_used_stats is not None:
+        assert torch.equal(ae.latent_mean, ae_used_stats[0]) and torch.equal(ae.latent_std, ae_used_stats[1])
+    # and it encodes the training digits to the latents the denoiser was trained on
+    images, labels = digits.load_digit_images(16)
+    train_idx, _ = digits.split_held_out(labels, 0.2, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(ae.encode(images[train_idx[:64]]), data["x"][:64], rtol=1e-4, atol=1e-4)
+    assert torch.equal(data["y"], labels[train_idx])
+    return config, model_family(config), data, report
+
+
+def test_class_run_rebuilds_from_its_config(tmp_path, monkeypatch):
+    cfg = _tiny(tmp_path)
+    used = {}
+    train_ae = digits.train_autoencoder
+
+    def spy(*args, **kwargs):  # the AE the demo encodes with and samples through
+        ae, info = train_ae(*args, **kwargs)
+        used["stats"] = (ae.latent_mean.detach().cpu().clone(), ae.latent_std.detach().cpu().clone())
+        return ae, info
+
+    monkeypatch.setattr(digits, "train_autoencoder", spy)
+    report = digits.run(cfg)
+    assert report["quick"] is True and report["target_met"] is None
+    config, family, data, _ = _check_run(cfg.out_dir, used["stats"])
+    assert family == "DiT" and config.model.name == "DiT-S/2"
+    assert config.model.options["class_dropout_prob"] == cfg.cond_dropout
+    assert "caption_encoder" not in config.data.options
+
+
+def test_captions_run_rebuilds_from_its_config(tmp_path, monkeypatch):
+    """Captions mode, with a tiny random BERT standing in for MiniLM (no download, no optional package)."""
+    transformers = pytest.importorskip("transformers")
+    from fastdit.text import CaptionEncoder
+
+    path = tmp_path / "tiny_bert"
+    path.mkdir()
+    words = sorted({w for t in digits.CAPTION_TEMPLATES for w in t.split() if w != "{w}"} | set(digits.CLASS_WORDS))
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True).save_pretrained(str(path))
+    bert = transformers.BertConfig(vocab_size=len(words) + 5, hidden_size=24, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=32, max_position_embeddings=80)
+    transformers.BertModel(bert).save_pretrained(str(path))
+    monkeypatch.setattr(digits, "_caption_encoder", lambda device: CaptionEncoder(path, device=str(device)))
+
+    cfg = _tiny(tmp_path, mode="captions")
+    digits.run(cfg)
+    config, family, data, _ = _check_run(cfg.out_dir)
+    assert family == "MMDiT" and config.model.name == "MMDiT-Tiny/2"
+    assert config.model.options["caption_dim"] == 24
+    assert config.data.options["caption_encoder"] == {"max_length": 16}
+    assert config.task.options["caption_dropout"] == cfg.cond_dropout
+    assert data["context"].shape == (len(data["x"]), 16, 24) and data["context_mask"].dtype == torch.bool
+
+
+def _report(quick, got):
+    return {"quick": quick, "samples_classified_as_requested": got, "target_classified_as_requested": 0.9,
+            "classifier_held_out_accuracy": 0.98, "mean_nearest_train_distance_samples": 3.0,
+            "mean_nearest_train_distance_held_out_real": 3.5,
+            "files": {"grid": "out/samples.png", "samples": "out/samples.npz"}, "seconds_total": 12.0}
+
+
+def test_summary_of_a_quick_run_makes_no_target_comparison():
+    first = summary_lines(_report(True, 0.1))[0]
+    assert "samples classified as the requested digit: 10.0%" in first
+    assert "quick smoke run: figures are not meaningful" in first and "applies to the full demo" in first
+    assert " met" not in first and "MISSED" not in first
+    assert "(target" not in first
+
+
+@pytest.mark.parametrize("got, verdict", [(0.93, "target 90%: met"), (0.9, "target 90%: met"),
+                                          (0.5, "target 90%: MISSED")])
+def test_summary_of_a_full_run_says_whether_the_target_was_met(got, verdict):
+    lines = summary_lines(_report(False, got))
+    assert verdict in lines[0] and "quick" not in lines[0]
+    assert len(lines) == 3 and "held-out real digits 3.50" in lines[1]
