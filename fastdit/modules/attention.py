@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from fastdit.modules.norms import RMSNorm
-from fastdit.ops.attention import joint_attention_qk
+from fastdit.ops.attention import _key_mask, joint_attention_qk
 
 
 class JointAttention(nn.Module):
@@ -22,6 +23,11 @@ class JointAttention(nn.Module):
     txt_mask: bool (B, N_txt) or lengths (B,) of real caption tokens; img_freqs / txt_freqs: RoPE
     tables for each stream ((N, head_dim/2, 2), see :class:`RotaryEmbedding`), None = no rotation.
     Returns ``(x_out, context_out)``; context_out is None without a text stream.
+
+    Padded caption tokens influence nothing, whatever they hold (NaN and inf included): their context rows
+    are selected away (``torch.where``) before the projection, so that even the weight gradients stay
+    finite, and the attention ignores them (see :mod:`fastdit.ops.attention`). Their rows of context_out
+    are ``txt_proj(0)``, its bias.
     """
 
     def __init__(self, dim: int, num_heads: int, *, joint: bool = False, qkv_bias: bool = True,
@@ -68,6 +74,9 @@ class JointAttention(nn.Module):
             if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != self.dim:
                 raise ValueError(f"JointAttention: context must be (B, N_txt, {self.dim}) with B = {x.shape[0]}, "
                                  f"got {tuple(context.shape)}")
+            if txt_mask is not None:  # padded tokens as zeros: 0 · NaN in the projection's weight gradient is NaN
+                real = _key_mask(txt_mask, context.shape[0], context.shape[1])
+                context = torch.where(real[:, :, None], context, 0.0)
             qt, kt, vt = self._qkv(context, self.txt_qkv)
         # QK-norm and RoPE of both streams and the joint attention: one op (fused into the attention
         # kernel on the fast path; qk_norm_rope then SDPA on the reference path)

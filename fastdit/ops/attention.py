@@ -9,9 +9,13 @@ Shapes (``layout="bnhd"``, as the QKV projections produce them): ``q_img, k_img,
 ``layout="bhnd"`` takes and returns (B, H, N, d) instead.
 
 ``txt_mask`` marks real caption tokens: a bool tensor (B, N_txt), True = real, or an integer tensor
-(B,) of lengths (the first ``len`` tokens are real). Padded caption tokens get zero attention weight
-as keys. As queries they still produce (finite, meaningless) outputs; callers ignore them. A sample
-with no real caption tokens attends over its image tokens only.
+(B,) of lengths (the first ``len`` tokens are real). Padded caption tokens influence nothing, whatever
+their q, k, v hold (NaN and inf included: uninitialised buffers, overflowing projections of padding
+tokens): they get zero attention weight as keys, their rows of the text output are zero, and every
+gradient at a padded position is zero (the incoming gradient of a padded output row is ignored). Every
+implementation *selects* them away (``torch.where`` on the text stream before the math, SDPA or the
+kernel, and on the padded output rows after it) rather than multiplying by the mask, which would
+keep a NaN (0 · NaN = NaN). A sample with no real caption tokens attends over its image tokens only.
 
 ``scale`` defaults to 1/sqrt(d). Three implementations share this signature:
 
@@ -107,6 +111,15 @@ def _key_mask(txt_mask: Tensor, B: int, N_txt: int) -> Tensor:
     return torch.arange(N_txt, device=txt_mask.device) < txt_mask.unsqueeze(1)
 
 
+def _real_rows(t: Optional[Tensor], mask: Optional[Tensor]) -> Optional[Tensor]:
+    """``t`` (B, N_txt, H, d) with its padded caption rows (``mask`` (B, N_txt) False) replaced by zeros: a
+    select, so that NaN or inf there goes away too (multiplying by the mask would keep a NaN), and the
+    gradient at those rows is 0. Unchanged without a mask."""
+    if t is None or mask is None:
+        return t
+    return torch.where(mask[:, :, None, None], t, 0.0)
+
+
 def _concat(img: Tensor, txt: Optional[Tensor]) -> Tensor:
     return img if txt is None else torch.cat([txt, img], dim=1)
 
@@ -129,7 +142,10 @@ def _split(out: Tensor, N_txt: int, has_txt: bool, layout: str) -> Pair:
 # ------------------------------------------------------------------------------- the explicit math
 
 def _attention_forward_math(q, k, v, key_mask, scale) -> Tuple[Tensor, Tensor]:
-    """q, k, v: (B, N, H, d) concatenated; returns out (B, N, H, d) in compute dtype and lse (B, H, N)."""
+    """q, k, v: (B, N, H, d) concatenated; returns out (B, N, H, d) in compute dtype and lse (B, H, N).
+    Masked positions (key_mask (B, N) False) are zeros as queries, keys and values, and their output rows
+    are zero."""
+    q, k, v = (_real_rows(t, key_mask) for t in (q, k, v))
     acc = compute_dtype(q)
     qh, kh, vh = (t.to(acc).transpose(1, 2) for t in (q, k, v))  # (B, H, N, d)
     scores = qh @ kh.transpose(-1, -2) * scale
@@ -137,11 +153,14 @@ def _attention_forward_math(q, k, v, key_mask, scale) -> Tuple[Tensor, Tensor]:
         scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1))
-    return (probs @ vh).transpose(1, 2), lse
+    return _real_rows((probs @ vh).transpose(1, 2), key_mask), lse
 
 
 def _attention_backward_math(dout, q, k, v, out, lse, key_mask, scale):
-    """Recompute P from lse; dV = Pᵀ dO, dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)), dQ = dS K·s, dK = dSᵀ Q·s."""
+    """Recompute P from lse; dV = Pᵀ dO, dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)), dQ = dS K·s, dK = dSᵀ Q·s. Masked
+    positions are zeros (in q, k, v and dout: a masked output row is a constant 0), so their gradients are
+    exactly 0."""
+    dout, q, k, v, out = (_real_rows(t, key_mask) for t in (dout, q, k, v, out))
     acc = lse.dtype
     qh, kh, vh, oh, doh = (t.to(acc).transpose(1, 2) for t in (q, k, v, out, dout))
     scores = qh @ kh.transpose(-1, -2) * scale
@@ -175,11 +194,20 @@ def joint_attention_ref(q_img: Tensor, k_img: Tensor, v_img: Tensor, q_txt: Opti
 def _sdpa_canonical(qi, ki, vi, qt, kt, vt, mask, scale, layout) -> Pair:
     B, N_img = qi.shape[:2]
     N_txt = 0 if qt is None else qt.shape[1]
+    # padded caption rows selected away before the concatenation (SDPA's zero weights would keep a NaN of
+    # v, and a padded query row would still attend), and the padded rows of the text output zeroed after
+    qt, kt, vt = (_real_rows(t, mask) for t in (qt, kt, vt))
     q, k, v = (_concat(a, b).transpose(1, 2) for a, b in ((qi, qt), (ki, kt), (vi, vt)))
     key_mask = _full_key_mask(mask, B, N_img, qi.device)
     attn_mask = None if key_mask is None else key_mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-    return _split(out.transpose(1, 2), N_txt, qt is not None, layout)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale).transpose(1, 2)
+    if mask is None:
+        return _split(out, N_txt, qt is not None, layout)
+    o_img, o_txt = _split(out, N_txt, True, "bnhd")
+    o_txt = _real_rows(o_txt, mask)
+    if layout == "bhnd":
+        o_img, o_txt = o_img.transpose(1, 2), o_txt.transpose(1, 2)
+    return o_img, o_txt
 
 
 def joint_attention_sdpa(q_img: Tensor, k_img: Tensor, v_img: Tensor, q_txt: Optional[Tensor] = None,
@@ -212,6 +240,7 @@ def _prepped(prep, q, k):
 
 
 def _fused_math(qi, ki, vi, qt, kt, vt, mask, scale, img_freqs, txt_freqs, qwi, kwi, qwt, kwt, eps, interleaved):
+    qt, kt, vt = (_real_rows(t, mask) for t in (qt, kt, vt))  # before the norm: as the kernel loads them
     qi, ki = _prepped(_prep_stream(qi, ki, qwi, kwi, img_freqs, eps, interleaved), qi, ki)
     qt, kt = _prepped(_prep_stream(qt, kt, qwt, kwt, txt_freqs, eps, interleaved), qt, kt)
     B, N_img = qi.shape[:2]
@@ -231,7 +260,12 @@ def _kernel_takes(tensors, tables) -> bool:
 
 
 def _streams(qi, ki, vi, qt, kt, vt, mask, img_freqs, txt_freqs, qwi, kwi, qwt, kwt):
+    """The kernels' two Streams. Padded caption rows of q, k, v are selected away here (zeros), whatever they
+    hold: the kernels weight padded keys by 0, but 0 · NaN = NaN. Three small ops on the text stream only;
+    none without a mask. (Selecting inside the kernels instead, k and v loaded under the key mask, made the
+    forward 25% slower at d = 64 with 154 caption tokens, bf16, H100: the kernels stay as they were.)"""
     from fastdit.kernels.attention import Stream
+    qt, kt, vt = (_real_rows(t, mask) for t in (qt, kt, vt))
     mask8 = None if mask is None else mask.to(torch.int8).contiguous()
     return Stream(qt, kt, vt, qwt, kwt, txt_freqs, mask8), Stream(qi, ki, vi, qwi, kwi, img_freqs)
 
@@ -242,7 +276,10 @@ def _fused_forward_impl(qi, ki, vi, qt, kt, vt, mask, scale, img_freqs, txt_freq
     if _kernel_takes((qi, ki, vi, qt, kt, vt, qwi, kwi, qwt, kwt), (img_freqs, txt_freqs)):
         from fastdit.kernels.attention import attention_fwd
         txt, img = _streams(qi, ki, vi, qt, kt, vt, mask, img_freqs, txt_freqs, qwi, kwi, qwt, kwt)
-        return attention_fwd(txt, img, scale, eps, interleaved)
+        o_img, o_txt, lse = attention_fwd(txt, img, scale, eps, interleaved)
+        # padded caption queries (zeros after _streams) get finite outputs from the kernel; they are defined
+        # as zero: one select on the text output, none without a mask
+        return o_img, _real_rows(o_txt, mask), lse
     o_img, o_txt, lse = _fused_math(qi, ki, vi, qt, kt, vt, mask, scale, img_freqs, txt_freqs, qwi, kwi, qwt, kwt,
                                     eps, interleaved)
     return o_img.contiguous(), o_txt.contiguous(), lse.float()
@@ -257,6 +294,8 @@ def _fused_backward_impl(do_img, do_txt, qi, ki, vi, qt, kt, vt, o_img, o_txt, l
     if _kernel_takes((do_img, do_txt, qi, ki, vi, qt, kt, vt) + weights, (img_freqs, txt_freqs)):
         from fastdit.kernels.attention import attention_bwd
         txt, img = _streams(qi, ki, vi, qt, kt, vt, mask, img_freqs, txt_freqs, qwi, kwi, qwt, kwt)
+        # a padded output row is a constant 0: its incoming gradient is ignored (zeros: delta and ds vanish)
+        do_txt = _real_rows(do_txt, mask)
         g = attention_bwd(do_img, do_txt, txt, img, o_img, o_txt, lse, scale, eps, interleaved)
         wgrads = [None if w is None else g[key].to(w.dtype)
                   for w, key in zip(weights, ("dq_weight_img", "dk_weight_img", "dq_weight_txt", "dk_weight_txt"))]
@@ -266,6 +305,9 @@ def _fused_backward_impl(do_img, do_txt, qi, ki, vi, qt, kt, vt, o_img, o_txt, l
     from fastdit.ops import qk_norm_rotary
     B, N_img = qi.shape[:2]
     N_txt = qt.shape[1]
+    # padded caption rows as zeros, the incoming gradient of their (zero) outputs ignored: NaN there would
+    # reach the norm's backward (through its rstd) even where the attention's gradient is 0
+    qt, kt, vt, do_txt = (_real_rows(t, mask) for t in (qt, kt, vt, do_txt))
     prepped = [_prep_stream(qi, ki, qwi, kwi, img_freqs, eps, interleaved),
                _prep_stream(qt, kt, qwt, kwt, txt_freqs, eps, interleaved)]
     (qhi, khi), (qht, kht) = _prepped(prepped[0], qi, ki), _prepped(prepped[1], qt, kt)
@@ -658,7 +700,10 @@ def _run_path(path, qi, ki, vi, qt, kt, vt, mask, img_freqs, txt_freqs, qwi, kwi
     if qwi is not None or img_freqs is not None:
         qi, ki = qk_norm_rope(qi, ki, qwi, kwi, img_freqs, eps, interleaved, backend=backend)
     if qt is not None and (qwt is not None or txt_freqs is not None):
-        qt, kt = qk_norm_rope(qt, kt, qwt, kwt, txt_freqs, eps, interleaved, backend=backend)
+        # padded caption rows selected away first: the norm of a NaN row is NaN, and so is its backward
+        # (through rstd) even where the attention's gradient is 0
+        qt, kt = qk_norm_rope(_real_rows(qt, mask), _real_rows(kt, mask), qwt, kwt, txt_freqs, eps, interleaved,
+                              backend=backend)
     if path == "prepass":
         return _fast_call(qi, ki, vi, qt, kt, vt, mask, None, None, None, None, None, None, scale, eps, interleaved,
                           layout)
