@@ -189,15 +189,19 @@ def default_sampler(objective) -> str:
     return SAMPLERS_FOR["rectified_flow" if isinstance(objective, RectifiedFlow) else "ddpm"][0]
 
 
+def _options_object(given: Any, where: str, keys: Sequence[str]) -> Dict[str, Any]:
+    """``given`` if it is a JSON object with no keys but ``keys``; else ConfigError naming ``where``."""
+    if not isinstance(given, dict):
+        raise ConfigError(f"{where} must be an object with keys among {', '.join(keys)}, got {given!r}")
+    unknown = sorted(set(given) - set(keys))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(keys)}")
+    return given
+
+
 def sampling_options(config: TrainConfig, objective) -> Dict[str, Any]:
     """The training grid's sampling settings (``task.options.sampling`` over the defaults)."""
-    given = config.task.options.get("sampling") or {}
-    if not isinstance(given, dict):
-        raise ConfigError(f"task.options.sampling must be an object, got {given!r}")
-    unknown = sorted(set(given) - set(_SAMPLING_KEYS))
-    if unknown:
-        raise ConfigError(f"task.options.sampling: unknown key(s) {', '.join(unknown)}; valid: "
-                          f"{', '.join(_SAMPLING_KEYS)}")
+    given = _options_object(config.task.options.get("sampling") or {}, "task.options.sampling", _SAMPLING_KEYS)
     out = {"sampler": default_sampler(objective), "steps": 25, "cfg_scale": 4.0, "per_class": 4, **given}
     try:
         check_sampler(objective, out["sampler"])
@@ -275,12 +279,7 @@ def caption_encoder_options(config: TrainConfig) -> Optional[Dict[str, Any]]:
     given = config.data.options.get("caption_encoder")
     if given is None:
         return None
-    if not isinstance(given, dict):
-        raise ConfigError(f"data.options.caption_encoder must be an object like {{\"max_length\": 16}}, got {given!r}")
-    unknown = sorted(set(given) - set(_CAPTION_ENCODER_KEYS))
-    if unknown:
-        raise ConfigError(f"data.options.caption_encoder: unknown key(s) {', '.join(unknown)}; valid: "
-                          f"{', '.join(_CAPTION_ENCODER_KEYS)}")
+    _options_object(given, "data.options.caption_encoder", _CAPTION_ENCODER_KEYS)
     length = given.get("max_length", 77)
     if isinstance(length, bool) or not isinstance(length, int) or length < 2:
         raise ConfigError(f"data.options.caption_encoder.max_length must be an int >= 2, got {length!r}")

@@ -10,7 +10,7 @@ import struct
 import pytest
 import torch
 
-from fastdit.training import (CheckpointError, CheckpointManager, Trainer, load_state, load_weights, read_jsonl,
+from fastdit.training import (CheckpointError, CheckpointManager, load_state, load_weights, read_jsonl,
                               resolve_checkpoint, save_safetensors, validate_checkpoint)
 
 STEP = "step_{:09d}".format
@@ -166,21 +166,12 @@ def test_load_weights_reads_state_pt_without_exports_and_names_bad_safetensors(t
         load_weights(legacy)
 
 
-def _fit(toy, cfg):
-    trainer = Trainer(cfg, toy.toy_model(), toy.NoisyTask(), toy.toy_dataset(cfg))
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
-    return trainer
-
-
 def test_resume_auto_skips_a_damaged_newest_checkpoint(toy, tmp_path, capfd):
-    _fit(toy, toy.toy_config(tmp_path, **{"run.max_steps": 8, "checkpoint.every": 4, "checkpoint.keep_last": 3}))
+    toy.fit(toy.toy_config(tmp_path, **{"run.max_steps": 8, "checkpoint.every": 4, "checkpoint.keep_last": 3}))
     bad = str(tmp_path / "checkpoints" / STEP(8))
     _truncate(os.path.join(bad, "state.pt"))
     capfd.readouterr()
-    resumed = _fit(toy, toy.toy_config(tmp_path, **{"run.max_steps": 10, "checkpoint.every": 4,
+    resumed = toy.fit(toy.toy_config(tmp_path, **{"run.max_steps": 10, "checkpoint.every": 4,
                                                      "checkpoint.keep_last": 3}))
     assert resumed.resumed_from.endswith(STEP(4)) and resumed.step == 10
     err = capfd.readouterr().err
@@ -190,20 +181,20 @@ def test_resume_auto_skips_a_damaged_newest_checkpoint(toy, tmp_path, capfd):
 
 
 def test_resume_auto_with_only_damaged_checkpoints_is_an_error(toy, tmp_path):
-    _fit(toy, toy.toy_config(tmp_path, **{"run.max_steps": 8, "checkpoint.every": 4, "checkpoint.keep_last": 3}))
+    toy.fit(toy.toy_config(tmp_path, **{"run.max_steps": 8, "checkpoint.every": 4, "checkpoint.keep_last": 3}))
     for step in (4, 8):
         _garble(str(tmp_path / "checkpoints" / STEP(step) / "state.pt"))
     with pytest.raises(CheckpointError, match="no valid checkpoint in .*checkpoints: .*checksum mismatch"):
-        _fit(toy, toy.toy_config(tmp_path, **{"run.max_steps": 10}))
+        toy.fit(toy.toy_config(tmp_path, **{"run.max_steps": 10}))
     # an explicitly named damaged checkpoint: an error, no fallback to another one
-    _fit(toy, toy.toy_config(tmp_path / "other", **{"run.max_steps": 4}))
+    toy.fit(toy.toy_config(tmp_path / "other", **{"run.max_steps": 4}))
     explicit = str(tmp_path / "checkpoints" / STEP(8))
     with pytest.raises(CheckpointError, match="checksum mismatch of state.pt"):
-        _fit(toy, toy.toy_config(tmp_path / "new", **{"checkpoint.resume": explicit}))
+        toy.fit(toy.toy_config(tmp_path / "new", **{"checkpoint.resume": explicit}))
 
 
 def test_weights_are_stored_once_by_default(toy, tmp_path):
-    trainer = _fit(toy, toy.toy_config(tmp_path / "a", **{"run.max_steps": 4}))
+    trainer = toy.fit(toy.toy_config(tmp_path / "a", **{"run.max_steps": 4}))
     folder = trainer.checkpoints.latest()
     names = sorted(os.listdir(folder))
     assert names == ["config.json", "manifest.json", "state.pt"]
@@ -213,7 +204,7 @@ def test_weights_are_stored_once_by_default(toy, tmp_path):
     state = load_state(folder)
     assert which == "ema" and all(torch.equal(weights[k], v) for k, v in state["ema"]["shadow"].items())
     # the export stays available and adds one copy of the model's weights and one of the EMA's
-    exported = _fit(toy, toy.toy_config(tmp_path / "b", **{"run.max_steps": 4, "checkpoint.safetensors": True}))
+    exported = toy.fit(toy.toy_config(tmp_path / "b", **{"run.max_steps": 4, "checkpoint.safetensors": True}))
     folder_b = exported.checkpoints.latest()
     assert {"model.safetensors", "ema.safetensors"} <= set(os.listdir(folder_b))
     weights_b, _ = load_weights(folder_b)

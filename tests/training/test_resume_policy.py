@@ -12,15 +12,6 @@ from fastdit.training.metrics import truncate_jsonl
 STEP = "step_{:09d}".format
 
 
-def _fit(toy, cfg):
-    trainer = Trainer(cfg, toy.toy_model(), toy.NoisyTask(), toy.toy_dataset(cfg))
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
-    return trainer
-
-
 def _lrs(run_dir):
     return {r["step"]: r["lr"] for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "event" not in r}
 
@@ -29,13 +20,13 @@ SCHEDULE = {"kind": "cosine", "warmup_steps": 3, "total_steps": 16, "min_lr_rati
 
 
 def test_resume_applies_the_new_optimizer_hyperparameters_and_schedule(toy, tmp_path, capfd):
-    _fit(toy, toy.toy_config(tmp_path, **{"run.max_steps": 4, "optim.lr": 1e-3, "optim.weight_decay": 0.01}))
+    toy.fit(toy.toy_config(tmp_path, **{"run.max_steps": 4, "optim.lr": 1e-3, "optim.weight_decay": 0.01}))
     first = _lrs(tmp_path)
     assert first == {k: 1e-3 * lr_factor(k, **SCHEDULE) for k in range(1, 5)}
     capfd.readouterr()
     new = {"run.max_steps": 8, "optim.lr": 5e-4, "optim.weight_decay": 0.05, "optim.betas": "0.8,0.95",
            "optim.eps": 1e-6, "schedule.min_lr_ratio": 0.1}
-    resumed = _fit(toy, toy.toy_config(tmp_path, **new))
+    resumed = toy.fit(toy.toy_config(tmp_path, **new))
     assert resumed.resumed_from.endswith(STEP(4))
     groups = resumed.optimizer.param_groups
     assert len(groups) == 2
@@ -59,7 +50,7 @@ def test_resume_applies_the_new_optimizer_hyperparameters_and_schedule(toy, tmp_
 
 
 def test_resume_keeps_the_moment_buffers_and_can_turn_weight_decay_on(toy, tmp_path):
-    _fit(toy, toy.toy_config(tmp_path, **{"run.max_steps": 4, "optim.weight_decay": 0.0}))
+    toy.fit(toy.toy_config(tmp_path, **{"run.max_steps": 4, "optim.weight_decay": 0.0}))
     path = str(tmp_path / "checkpoints" / STEP(4))
     saved = load_state(path)["optimizer"]
     assert len(saved["param_groups"]) == 1  # no decay: one group
@@ -81,14 +72,14 @@ def test_resume_keeps_the_moment_buffers_and_can_turn_weight_decay_on(toy, tmp_p
 
 @pytest.mark.parametrize("explicit", [False, True])
 def test_resume_refuses_a_different_model_or_data(toy, tmp_path, explicit):
-    _fit(toy, toy.toy_config(tmp_path / "run", **{"run.max_steps": 4}))
+    toy.fit(toy.toy_config(tmp_path / "run", **{"run.max_steps": 4}))
     changed = {"model.name": "DiT-S/2", "model.options.depth": 3, "data.num_classes": 7,
                "data.latent_shape": "2,8,8", "task.name": "ddpm", "optim.lr": 1e-4, "run.max_steps": 8}
     out = tmp_path / ("new" if explicit else "run")
     if explicit:
         changed["checkpoint.resume"] = str(tmp_path / "run" / "checkpoints" / STEP(4))
     with pytest.raises(ConfigError) as err:
-        _fit(toy, toy.toy_config(out, **changed))
+        toy.fit(toy.toy_config(out, **changed))
     text = str(err.value)
     for item in ("model.name '' -> 'DiT-S/2'", "model.options.depth (unset) -> 3", "data.num_classes 5 -> 7",
                  "data.latent_shape [2, 4, 4] -> [2, 8, 8]", "task.name '' -> 'ddpm'", "new run.output_dir"):
@@ -96,17 +87,17 @@ def test_resume_refuses_a_different_model_or_data(toy, tmp_path, explicit):
     assert "optim.lr" not in text and "size mismatch" not in text and STEP(4) in text
     # the old run is untouched and still resumes with its own settings
     assert json.load(open(tmp_path / "run" / "config.json"))["model"]["name"] == ""
-    again = _fit(toy, toy.toy_config(tmp_path / "run", **{"run.max_steps": 5}))
+    again = toy.fit(toy.toy_config(tmp_path / "run", **{"run.max_steps": 5}))
     assert again.resumed_from.endswith(STEP(4))
 
 
 def test_metrics_after_a_resume_hold_each_step_once(toy, tmp_path):
     # steps 5 and 6 were logged but never checkpointed (as if killed after step 6): a resume runs them again
-    _fit(toy, toy.toy_config(tmp_path, **{"run.max_steps": 6, "checkpoint.every": 4, "checkpoint.save_final": False}))
+    toy.fit(toy.toy_config(tmp_path, **{"run.max_steps": 6, "checkpoint.every": 4, "checkpoint.save_final": False}))
     before = read_jsonl(tmp_path / "metrics.jsonl")
     with open(tmp_path / "metrics.jsonl", "a") as fh:
         fh.write('{"step": 7, "loss": 1.')  # a torn last line
-    _fit(toy, toy.toy_config(tmp_path, **{"run.max_steps": 8, "checkpoint.every": 4}))
+    toy.fit(toy.toy_config(tmp_path, **{"run.max_steps": 8, "checkpoint.every": 4}))
     records = read_jsonl(tmp_path / "metrics.jsonl")
     steps = [r["step"] for r in records if "event" not in r]
     assert steps == list(range(1, 9))

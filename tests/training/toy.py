@@ -108,6 +108,18 @@ def toy_model(seed=0):
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
 
 
+def fit(cfg):
+    """A toy model trained as ``cfg`` says (fit, then close); returns the trainer."""
+    from fastdit.training import Trainer
+
+    trainer = Trainer(cfg, toy_model(), NoisyTask(), toy_dataset(cfg))
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return trainer
+
+
 def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
