@@ -31,9 +31,11 @@ def parser(prog: str = "fastdit sample") -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--no-ema", action="store_true", help="use the raw model weights, not the EMA")
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
-                   help="default: euler for rectified flow, ddim for ddpm")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance (1 = off; default 4)")
+                   help="default: the run's task.options.sampling, else euler for rectified flow, ddim for ddpm")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: the run's task.options.sampling, else 50)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance, 1 = off (default: the run's task.options.sampling, else 4)")
     p.add_argument("--guidance-interval", default=None, metavar="LO,HI",
                    help="guide only at normalised times in [LO, HI] (1 = noise)")
     p.add_argument("--classes", default=None, metavar="0,1,2",
@@ -41,7 +43,9 @@ def parser(prog: str = "fastdit sample") -> argparse.ArgumentParser:
     p.add_argument("--prompt", dest="prompts", action="append", default=None, metavar="TEXT",
                    help="a caption prompt, one grid row (repeatable; MMDiT runs that name their caption encoder)")
     p.add_argument("--prompts-file", default=None, metavar="FILE.txt", help="prompts, one per non-empty line")
-    p.add_argument("--num-per-class", type=int, default=4, help="samples per class or prompt (grid columns)")
+    p.add_argument("--num-per-class", type=int, default=None,
+                   help="samples per class or prompt, the grid's columns (default: the run's "
+                        "task.options.sampling per_class, else 4)")
     p.add_argument("--seed", type=int, default=0, help="sample i gets the same noise in any batch size")
     p.add_argument("--batch-size", type=int, default=64, help="samples per model batch")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
@@ -111,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "fastdit sample") -> 
     except (FileNotFoundError, FileExistsError, ValueError) as err:  # ConfigError, CheckpointError: ValueError
         p.error(str(err))
     rows = "prompts" if prompts is not None else "classes"
-    print(f"{prog}: {result.count} samples ({len(result.rows)} {rows} x {args.num_per_class}), {result.sampler} "
-          f"{args.steps} steps, cfg {result.cfg_scale:g}, {result.weights} weights of step {result.step}, "
+    print(f"{prog}: {result.count} samples ({len(result.rows)} {rows} x {result.num_per_class}), {result.sampler} "
+          f"{result.steps} steps, cfg {result.cfg_scale:g}, {result.weights} weights of step {result.step}, "
           f"{result.seconds:.1f}s -> {result.png}, {result.npz}", flush=True)
     return 0

@@ -15,7 +15,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -37,6 +37,8 @@ class SampleResult:
     count: int
     rows: List[str]           # one label per grid row: the class id or the prompt
     seconds: float
+    steps: int
+    num_per_class: int
 
 
 def _has_checkpoints(path: str) -> bool:
@@ -113,9 +115,21 @@ def save_npz(path: str, **arrays) -> None:
     os.replace(tmp, path)
 
 
+# what `fastdit sample` uses when neither the command line nor the run's task.options.sampling says
+DEFAULTS = {"steps": 50, "cfg_scale": 4.0, "per_class": 4}
+
+
+def recorded_settings(config: TrainConfig) -> Dict[str, Any]:
+    """The sampling settings the run recorded (``task.options.sampling``: sampler, steps, cfg_scale,
+    per_class), only those it gives; they are the defaults of :func:`sample_checkpoint` for this run."""
+    given = config.task.options.get("sampling") or {}
+    return {k: given[k] for k in ("sampler", "steps", "cfg_scale", "per_class") if k in given} \
+        if isinstance(given, dict) else {}
+
+
 def sample_checkpoint(path: str, *, classes: Optional[Sequence[int]] = None,
-                      prompts: Optional[Sequence[str]] = None, num_per_class: int = 4,
-                      sampler: Optional[str] = None, steps: int = 50, cfg_scale: float = 4.0,
+                      prompts: Optional[Sequence[str]] = None, num_per_class: Optional[int] = None,
+                      sampler: Optional[str] = None, steps: Optional[int] = None, cfg_scale: Optional[float] = None,
                       guidance_interval: Optional[Tuple[float, float]] = None, seed: int = 0, batch_size: int = 64,
                       device: str = "auto", precision: Optional[str] = None, use_ema: bool = True,
                       output: Optional[str] = None, overwrite: bool = False, overrides: Sequence[str] = (),
@@ -125,6 +139,9 @@ def sample_checkpoint(path: str, *, classes: Optional[Sequence[int]] = None,
     (an MMDiT whose run names its caption encoder) from the checkpoint at ``path``, and write the grid (one
     row per class / prompt) and an ``.npz``: ``samples`` (N, C, H, W) float32 latents, ``images``
     (N, 1|3, H', W') in [-1, 1], ``labels`` (N,) class ids (-1 for prompts), ``prompts``, and the settings.
+
+    ``steps``, ``cfg_scale``, ``num_per_class`` and ``sampler`` left None take the run's recorded
+    ``task.options.sampling`` (what its training grids used), else :data:`DEFAULTS` (sampler: the objective's).
 
     ``overrides``: ``section.key=value`` strings applied to the run's stored config before the model is built
     (e.g. ``model.options.backend=reference``, ``data.options.display_scale=2``). Sample i gets the same noise
@@ -141,13 +158,18 @@ def sample_checkpoint(path: str, *, classes: Optional[Sequence[int]] = None,
 
     if classes is not None and prompts is not None:
         raise ValueError("give class ids or prompts, not both")
+    ckpt = resolve_checkpoint(find_run(path))
+    config = TrainConfig.from_json(os.path.join(ckpt, CONFIG_FILE_NAME), overrides)
+    recorded = {**DEFAULTS, **recorded_settings(config)}
+    steps = recorded["steps"] if steps is None else steps
+    cfg_scale = recorded["cfg_scale"] if cfg_scale is None else cfg_scale
+    num_per_class = recorded["per_class"] if num_per_class is None else num_per_class
+    sampler = sampler or recorded.get("sampler")
     for name, value in (("steps", steps), ("num_per_class", num_per_class), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if not cfg_scale >= 0 or seed < 0:
-        raise ValueError("cfg_scale and seed must be >= 0")
-    ckpt = resolve_checkpoint(find_run(path))
-    config = TrainConfig.from_json(os.path.join(ckpt, CONFIG_FILE_NAME), overrides)
+    if not isinstance(cfg_scale, (int, float)) or not cfg_scale >= 0 or seed < 0:
+        raise ValueError(f"cfg_scale and seed must be numbers >= 0, got {cfg_scale!r} and {seed!r}")
     device = pick_device(device)
     model = build_model(config)
     objective = build_objective(config, model)
@@ -208,4 +230,4 @@ def sample_checkpoint(path: str, *, classes: Optional[Sequence[int]] = None,
              steps=np.asarray(steps), seed=np.asarray(seed), sampler=np.asarray(sampler), weights=np.asarray(which))
     return SampleResult(png=png, npz=npz, checkpoint=ckpt, step=step, weights=which, sampler=sampler,
                         cfg_scale=float(cfg_scale), count=len(per_sample), rows=[str(r) for r in rows],
-                        seconds=time.perf_counter() - start)
+                        seconds=time.perf_counter() - start, steps=steps, num_per_class=num_per_class)

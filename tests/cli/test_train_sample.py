@@ -91,8 +91,17 @@ def test_sample_defaults_no_ema_and_an_older_checkpoint(dit_run, capsys):
     older = dit_run / "checkpoints" / "step_000000002"
     assert main_sample([str(older), "--no-ema", "--steps", "1", "--sampler", "heun", "--no-progress"]) == 0
     data = np.load(dit_run / "samples" / "sample_step_000000002.npz")  # default: <run>/samples/
-    assert data["samples"].shape == (16, 4, 8, 8) and str(data["weights"]) == "model"
+    # per class: the run's recorded task.options.sampling.per_class=2 (its training grids' setting)
+    assert data["samples"].shape == (8, 4, 8, 8) and str(data["weights"]) == "model"
     assert sorted(set(data["labels"].tolist())) == [0, 2, 5, 7]  # 4 classes spread over 0..9
+
+
+def test_sample_defaults_come_from_the_run(dit_run, tmp_path, capsys):
+    """No --steps / --num-per-class / --cfg-scale: the run's task.options.sampling (steps=2, per_class=2)."""
+    assert main_sample([str(dit_run), "--classes", "1", "--output", str(tmp_path / "d.png"), "--no-progress"]) == 0
+    assert "2 samples (1 classes x 2), euler 2 steps, cfg 4" in capsys.readouterr().out
+    data = np.load(tmp_path / "d.npz")
+    assert int(data["steps"]) == 2 and float(data["cfg_scale"]) == 4.0
 
 
 @pytest.mark.parametrize("argv,message", [
