@@ -12,7 +12,8 @@ times in the objective's model units (rectified flow: ``t * time_scale``; DDPM: 
 
 Only torch (and tqdm for progress bars) is needed here.
 """
-from fastdit.diffusion.ddpm import DDPM, cosine_alpha_bar, cosine_betas, linear_betas
+from fastdit.diffusion.ddpm import (DDPM, cosine_alpha_bar, cosine_betas, discretized_gaussian_log_likelihood,
+                                   linear_betas, normal_kl, quadratic_betas)
 from fastdit.diffusion.guidance import GuidedDenoiser
 from fastdit.diffusion.noise import PerSampleNoise
 from fastdit.diffusion.rectified_flow import RectifiedFlow, resolution_shift, timestep_shift
@@ -21,7 +22,8 @@ from fastdit.diffusion.samplers import (
 )
 
 __all__ = [
-    "DDPM", "cosine_alpha_bar", "cosine_betas", "linear_betas", "GuidedDenoiser", "PerSampleNoise",
+    "DDPM", "cosine_alpha_bar", "cosine_betas", "linear_betas", "quadratic_betas", "normal_kl",
+    "discretized_gaussian_log_likelihood", "GuidedDenoiser", "PerSampleNoise",
     "RectifiedFlow", "resolution_shift", "timestep_shift", "SAMPLERS", "Sampler", "EulerSampler", "HeunSampler",
     "DDPMSampler", "DDIMSampler", "flow_timesteps", "sample",
 ]

@@ -250,7 +250,7 @@ def sample(model: Callable[..., torch.Tensor], shape: Sequence[int], cond: Cond 
            cfg_scale: float = 1.0, sampler: str = "euler", steps: Optional[int] = 50, *,
            guidance_interval: Optional[Sequence[float]] = None, objective: Union[None, RectifiedFlow, DDPM] = None,
            shift: Optional[float] = None, time_scale: Optional[float] = None, eta: float = 0.0,
-           variance: str = "fixed_small", clip_x0: Optional[float] = None,
+           variance: Optional[str] = None, clip_x0: Optional[float] = None,
            seed: Union[None, int, Sequence[int]] = None, generator: Optional[torch.Generator] = None,
            noise: Optional[torch.Tensor] = None, device=None, dtype: torch.dtype = torch.float32,
            progress: bool = True) -> torch.Tensor:
@@ -268,7 +268,8 @@ def sample(model: Callable[..., torch.Tensor], shape: Sequence[int], cond: Cond 
         objective: the :class:`RectifiedFlow` / :class:`DDPM` the model was trained with; gives the time scale
             and shift (euler/heun) or the schedule (ddpm/ddim, default cosine T = 1000).
         shift, time_scale: rectified-flow overrides (default: from ``objective``, else 1.0 and 1000).
-        eta: DDIM stochasticity; variance: DDPM variance (see :class:`DDPMSampler`); clip_x0: clamp x0.
+        eta: DDIM stochasticity; variance: DDPM variance (see :class:`DDPMSampler`; default: learned_range when
+            the objective was trained with it, else fixed_small); clip_x0: clamp x0.
         seed: an int (reproducible per sample: sample i is the same in any batch size) or one int per sample.
         generator: instead of seed, a torch.Generator the per-sample seeds are drawn from (same state, same
             samples; the first k samples do not depend on B). With neither, torch's global CPU RNG is used.
@@ -308,6 +309,9 @@ def sample(model: Callable[..., torch.Tensor], shape: Sequence[int], cond: Cond 
         if shift is not None or time_scale is not None:
             raise ValueError(f"shift and time_scale apply to rectified-flow samplers, not {sampler!r}")
         if sampler == "ddpm":
+            if variance is None:  # a model trained with learned variance samples with it
+                learned = getattr(objective, "variance", None) == "learned_range"
+                variance = "learned_range" if learned else "fixed_small"
             runner = DDPMSampler(objective, steps=steps, variance=variance, clip_x0=clip_x0)
         else:
             runner = DDIMSampler(objective, steps=50 if steps is None else steps, eta=eta, clip_x0=clip_x0)

@@ -15,7 +15,8 @@ What the config sections select (everything else is the trainer's, see :mod:`fas
 ``task``
     ``name``: ``rectified_flow`` (default when empty) or ``ddpm``; ``options``: keyword arguments of
     :class:`~fastdit.diffusion.RectifiedFlow` / :class:`~fastdit.diffusion.DDPM` (a rectified flow's
-    ``patch_size`` defaults to the model's), plus two keys of this module:
+    ``patch_size`` defaults to the model's; a DDPM's ``variance`` defaults to ``learned_range``, the hybrid
+    loss, when the model learns sigma, else ``fixed``), plus two keys of this module:
     ``caption_dropout`` (MMDiT only: caption dropout for guidance, default 0.1) and ``sampling``, the
     training sample grid: ``{"sampler", "steps", "cfg_scale", "per_class"}`` (defaults: the objective's
     sampler — euler for rectified flow, ddim for ddpm — 25 steps, guidance 4.0, 4 per class).
@@ -164,6 +165,13 @@ def build_objective(config: TrainConfig, model: Optional[nn.Module] = None):
                           f"{', '.join(valid + list(_TASK_KEYS))}")
     if name == "rectified_flow" and model is not None:
         options.setdefault("patch_size", model.config.patch_size)
+    learns_sigma = model is not None and getattr(model.config, "learn_sigma", False)
+    if name == "ddpm" and model is not None:
+        # a DiT with learned sigma trains its variance channels with the hybrid loss (improved DDPM, DiT)
+        options.setdefault("variance", "learned_range" if learns_sigma else "fixed")
+        if options["variance"] == "learned_range" and not learns_sigma:
+            raise ConfigError("task.options.variance=learned_range needs a model with learned sigma "
+                              "(model.options.learn_sigma=true); or use variance=fixed")
     try:
         return cls(**options)
     except (ValueError, TypeError) as err:

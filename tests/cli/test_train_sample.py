@@ -202,6 +202,22 @@ def test_latent_space_decodes_the_grid(tmp_path):
     assert data["samples"].shape == (1, 4, 4, 4) and data["images"].shape == (1, 1, 16, 16)
 
 
+@pytest.mark.parametrize("learn_sigma,variance", [(True, "learned_range"), (False, "fixed")])
+def test_ddpm_trains_a_learned_sigma_with_the_hybrid_loss(tmp_path, learn_sigma, variance):
+    """task.name=ddpm: a DiT with learned sigma gets improved DDPM's hybrid loss; one without, L_simple."""
+    overrides = [*TINY_DIT, "model.options.input_size=8", "data.latent_shape=4,8,8", "data.num_classes=10",
+                 "task.name=ddpm", "task.options.schedule=quadratic", f"model.options.learn_sigma={str(learn_sigma).lower()}",
+                 "run.device=cpu", f"run.output_dir={tmp_path}"]
+    built = build(TrainConfig.from_dict({}, overrides), rank=0, world_size=1)
+    assert built.objective.variance == variance and built.objective.schedule == "quadratic"
+    batch = next(iter(built.dataset))
+    loss = built.task.loss(built.model, batch)
+    loss.backward()
+    last = built.model.final_layer.linear
+    grad_sigma = last.weight.grad.view(-1, 2, 4, last.weight.shape[-1])[:, 1] if learn_sigma else None
+    assert torch.isfinite(loss) and (grad_sigma is None or grad_sigma.abs().max() > 0)
+
+
 def test_latents_to_images_and_default_classes():
     x = torch.randn(2, 4, 3, 3) * 5
     img = latents_to_images(x, display_scale=2.0)
@@ -227,6 +243,9 @@ def test_latents_to_images_and_default_classes():
     (["model.options.in_channels=3"], "does not match data.latent_shape"),
     (["model.options.depthh=2"], "unknown field(s) depthh"),
     (["optim.lrr=1"], "unknown config key optim.lrr"),
+    (["task.name=ddpm", "model.options.learn_sigma=false", "task.options.variance=learned_range"],
+     "needs a model with learned sigma"),
+    (["task.name=ddpm", "task.options.schedule=sigmoid"], "schedule must be one of cosine, linear, quadratic"),
 ])
 def test_train_config_errors(tmp_path, extra, message, capsys):
     argv = ["--output-dir", str(tmp_path), *QUIET, *TINY_DIT, "data.latent_shape=4,8,8", "data.num_classes=10",
