@@ -28,6 +28,20 @@ def test_demo_quick_run_writes_the_grid_samples_and_report(tmp_path, capsys):
         assert drawn["images"].shape == (4, 1, 16, 16) and drawn["labels"].tolist() == [3, 3, 7, 7]
 
 
+def test_demo_quick_ddpm_run_writes_a_report_with_its_task(tmp_path, capsys):
+    out_dir = tmp_path / "demo"
+    assert main(["demo", "--quick", "--task", "ddpm", "--no-progress", "--device", "cpu", "--out", str(out_dir)]) == 0
+    assert "DDPM (learned variance) steps" in capsys.readouterr().out
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["task"] == "ddpm" and report["config"]["task"] == "ddpm"
+    assert report["sampling"]["sampler"] == "ddpm" and report["sampling"]["variance"] == "learned_range"
+    assert 0.0 <= report["samples_classified_as_requested"] <= 1.0
+    config = json.loads((out_dir / "denoiser" / "config.json").read_text())
+    assert config["task"]["name"] == "ddpm" and config["model"]["options"]["learn_sigma"] is True
+    with np.load(out_dir / "samples.npz") as saved:
+        assert saved["images"].shape == (30, 1, 16, 16) and np.isfinite(saved["images"]).all()
+
+
 def test_info_reports_versions_and_op_paths(capsys):
     assert main(["info", "--device", "cpu"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -40,6 +54,8 @@ def test_info_reports_versions_and_op_paths(capsys):
 @pytest.mark.parametrize("argv,message", [
     (["demo", "--dit-steps", "0"], "--dit-steps must be at least 1"),
     (["demo", "--mode", "pixels"], "invalid choice"),
+    (["demo", "--task", "edm"], "invalid choice"),
+    (["demo", "--mode", "captions", "--task", "ddpm"], "the captions mode trains with rectified flow only"),
     (["demo", "--backend", "fast"], "invalid choice"),
     (["frobnicate"], "invalid choice"),
 ])

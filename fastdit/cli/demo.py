@@ -11,7 +11,7 @@ def run(args: argparse.Namespace) -> int:
     """The main job: latent diffusion of scikit-learn's handwritten digits (see fastdit.demos.digits)."""
     from fastdit.demos.digits import DigitsDemoConfig, run as run_demo, summary_lines
 
-    cfg = DigitsDemoConfig(out_dir=args.out, mode=args.mode, seed=args.seed, device=args.device,
+    cfg = DigitsDemoConfig(out_dir=args.out, mode=args.mode, task=args.task, seed=args.seed, device=args.device,
                            cfg_scale=args.cfg_scale, progress=not args.no_progress)
     if args.quick:
         cfg = cfg.quick()
@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
                 raise SystemExit(f"fastdit demo: --{name.replace('_', '-')} must be at least 1")
             setattr(cfg, name, value)
     try:
+        cfg.check()
         with use_backend(args.backend or get_backend()):
             report = run_demo(cfg)
     except (ValueError, RuntimeError) as err:
@@ -36,11 +37,15 @@ def parser(prog: str = "fastdit demo") -> argparse.ArgumentParser:
     p.add_argument("--out", default="fastdit-demo", help="output folder (default fastdit-demo)")
     p.add_argument("--mode", choices=("class", "captions"), default="class",
                    help="class: DiT on labels; captions: MMDiT on captions (needs fastdit[captions])")
+    p.add_argument("--task", choices=("rectified_flow", "ddpm"), default="rectified_flow",
+                   help="the denoiser's objective: rectified_flow (default, Euler sampling) or ddpm (a DiT with "
+                        "learned sigma, linear schedule, hybrid loss; DDPM sampling; class mode only)")
     p.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
     p.add_argument("--ae-steps", type=int, default=None, help="autoencoder training steps (default 800)")
     p.add_argument("--dit-steps", type=int, default=None, help="denoiser training steps (default 2000)")
     p.add_argument("--samples-per-class", type=int, default=None, help="default 20")
-    p.add_argument("--sample-steps", type=int, default=None, help="Euler steps (default 40)")
+    p.add_argument("--sample-steps", type=int, default=None,
+                   help="sampling steps (default: 40 Euler steps; 100 DDPM steps with --task ddpm)")
     p.add_argument("--quick", action="store_true", help="a few seconds' smoke run (figures mean little)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--seed", type=int, default=0)

@@ -1,6 +1,6 @@
 """The main job on embedded data: latent diffusion of the 1,797 handwritten digits scikit-learn ships.
 
-    fastdit demo [--mode class|captions] [--out DIR] [--quick]
+    fastdit demo [--mode class|captions] [--task rectified_flow|ddpm] [--out DIR] [--quick]
 
 1. Digits (8×8, 17 grey levels) are upsampled to 16×16 in [-1, 1] and split 80/20 (stratified,
    seeded) into training and held-out sets.
@@ -11,12 +11,15 @@
    latents (with labels, and in captions mode the caption embeddings) as ``DIR/latents.pt``.
 3. A class-conditional DiT (``mode="class"``, label dropout for CFG) or a caption-conditional MMDiT
    (``mode="captions"``: "a handwritten seven" through the MiniLM caption encoder, caption dropout for
-   CFG) is trained on the latents with rectified flow, through the same trainer. Its run config
+   CFG) is trained on the latents with rectified flow, through the same trainer (class mode with
+   ``task="ddpm"``: the same DiT with learned sigma, trained as a DDPM -- linear schedule, T = 1000,
+   hybrid loss with ``variance="learned_range"`` -- and sampled with DDPM ancestral steps). Its run config
    (``DIR/denoiser/config.json``, also in each checkpoint) describes the run completely: a model preset
    with the demo's sizes, ``DIR/latents.pt`` as data, ``DIR/autoencoder.pt`` as latent space, and the
    model, objective and dataset are built from that config (:mod:`fastdit.training.build`), so
    ``fastdit sample DIR/denoiser`` rebuilds exactly the model that was trained.
-4. A grid is sampled with classifier-free guidance (EMA weights, Euler), decoded and written as a PNG
+4. A grid is sampled with classifier-free guidance (EMA weights, Euler; DDPM with learned variance for
+   ``task="ddpm"``), decoded and written as a PNG
    (rows = classes) and an ``.npz``; ``report.json`` holds the fraction of samples that a classifier
    trained only on real training digits assigns to the requested class (with its accuracy on the
    held-out digits beside it), and the mean distance from each sample to its nearest training digit
@@ -52,6 +55,11 @@ PRESETS = {"class": "DiT-S/2", "captions": "MMDiT-Tiny/2"}
 AUTOENCODER_FILE = "autoencoder.pt"    # the latent space, saved with its fitted statistics
 LATENTS_FILE = "latents.pt"            # the denoiser's training data
 TARGET_CLASSIFIED_AS_REQUESTED = 0.9   # of the full demo (quick runs are too small to reach it)
+TASKS = ("rectified_flow", "ddpm")     # the denoiser's objective (DigitsDemoConfig.task)
+# task="ddpm": the DDPM of the run config (keyword arguments of fastdit.diffusion.DDPM) and its sampling
+DDPM_OPTIONS = {"schedule": "linear", "variance": "learned_range", "num_timesteps": 1000}
+DEFAULT_SAMPLE_STEPS = {"rectified_flow": 40, "ddpm": 100}  # when DigitsDemoConfig.sample_steps is None
+SAMPLER_FOR = {"rectified_flow": "euler", "ddpm": "ddpm"}
 
 
 @dataclasses.dataclass
@@ -59,6 +67,7 @@ class DigitsDemoConfig:
     """Settings of the digits job (defaults: about 5 minutes on a 2-core CPU)."""
     out_dir: str = "fastdit-demo"
     mode: str = "class"                # "class" (DiT, labels) or "captions" (MMDiT, caption encoder)
+    task: str = "rectified_flow"       # "rectified_flow" or "ddpm" (learned-sigma DiT; class mode only)
     image_size: int = 16               # digits are upsampled from 8×8 to this
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda
@@ -74,7 +83,7 @@ class DigitsDemoConfig:
     cond_dropout: float = 0.1          # label / caption dropout for classifier-free guidance
     ema_decay: float = 0.999
     cfg_scale: float = 3.0
-    sample_steps: int = 40
+    sample_steps: Optional[int] = None  # None: 40 Euler steps (rectified flow), 100 DDPM steps (ddpm)
     samples_per_class: int = 20
     held_out_fraction: float = 0.2
     progress: bool = True
@@ -84,6 +93,24 @@ class DigitsDemoConfig:
         """A short version for smoke tests (minutes → seconds; the quality figures mean nothing)."""
         return dataclasses.replace(self, ae_steps=60, dit_steps=80, samples_per_class=3, sample_steps=8,
                                    hidden_size=64, depth=2, num_heads=2, quick_run=True)
+
+    def sampling_steps(self) -> int:
+        """The sampler's steps: ``sample_steps``, or the task's default when it is None."""
+        return int(self.sample_steps) if self.sample_steps is not None else DEFAULT_SAMPLE_STEPS[self.task]
+
+    def sampler(self) -> str:
+        """``"euler"`` (rectified flow) or ``"ddpm"`` (ancestral, learned variance)."""
+        return SAMPLER_FOR[self.task]
+
+    def check(self) -> "DigitsDemoConfig":
+        """ValueError for a mode / task this demo does not run."""
+        if self.mode not in ("class", "captions"):
+            raise ValueError(f"mode must be 'class' or 'captions', got {self.mode!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.mode == "captions" and self.task != "rectified_flow":
+            raise ValueError("the captions mode trains with rectified flow only")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -194,13 +221,18 @@ def denoiser_config(cfg: DigitsDemoConfig, latent_shape: Tuple[int, int, int], d
     :func:`fastdit.training.build.build_model` turns into the demo's DiT / MMDiT (a preset of
     :data:`PRESETS` with the demo's sizes, patch size 1, no learned sigma), the latents file it trains on,
     the autoencoder that decodes them, rectified flow with logit-normal times, and the demo's sampling
-    settings (``task.options.sampling``). ``caption_dim``: the caption encoder's width (captions mode)."""
+    settings (``task.options.sampling``). ``caption_dim``: the caption encoder's width (captions mode).
+    With ``cfg.task == "ddpm"`` the DiT learns sigma (2C outputs) and the task is a DDPM of
+    :data:`DDPM_OPTIONS` (linear schedule, T = 1000, hybrid loss with learned-range variance), sampled with
+    the ``ddpm`` sampler."""
+    cfg.check()
     config = _trainer_config(cfg, "denoiser", cfg.dit_steps, cfg.dit_batch, cfg.dit_lr, ema=True, device=device)
     options: Dict[str, Any] = {"hidden_size": cfg.hidden_size, "depth": cfg.depth, "num_heads": cfg.num_heads,
-                               "patch_size": 1, "learn_sigma": False}
+                               "patch_size": 1, "learn_sigma": cfg.task == "ddpm"}
     config.model.name = PRESETS[cfg.mode]
-    config.task.name = "rectified_flow"
-    config.task.options = {"time_sampling": "logit_normal"}
+    config.task.name = cfg.task
+    config.task.options = ({"time_sampling": "logit_normal"} if cfg.task == "rectified_flow"
+                           else dict(DDPM_OPTIONS))
     config.data.path = os.path.abspath(latents_path)
     config.data.latent_shape = tuple(int(s) for s in latent_shape)
     config.data.num_classes = len(CLASS_WORDS)
@@ -215,8 +247,8 @@ def denoiser_config(cfg: DigitsDemoConfig, latent_shape: Tuple[int, int, int], d
         # the default MiniLM encoder of fastdit.text, captions encoded at this length
         config.data.options["caption_encoder"] = {"max_length": CAPTION_LENGTH}
     config.model.options = options
-    config.task.options["sampling"] = {"sampler": "euler", "steps": cfg.sample_steps, "cfg_scale": cfg.cfg_scale,
-                                       "per_class": cfg.samples_per_class}
+    config.task.options["sampling"] = {"sampler": cfg.sampler(), "steps": cfg.sampling_steps(),
+                                       "cfg_scale": cfg.cfg_scale, "per_class": cfg.samples_per_class}
     config.logging.sample_rows = len(CLASS_WORDS)  # grids: one row per digit (the trainer draws none itself)
     return config
 
@@ -236,7 +268,7 @@ def denoiser_tensors(cfg: DigitsDemoConfig, latents: torch.Tensor, labels: torch
 
 
 def train_denoiser(config):
-    """Rectified-flow training of the DiT (labels) or MMDiT (captions) of ``config`` (see
+    """Rectified-flow (or DDPM) training of the DiT (labels) or MMDiT (captions) of ``config`` (see
     :func:`denoiser_config`): model, objective and dataset are built from the config, as a later
     ``fastdit sample`` rebuilds them."""
     from fastdit.diffusion.task import DiffusionTask
@@ -266,7 +298,8 @@ def train_denoiser(config):
 def sample_digits(cfg: DigitsDemoConfig, model, ema, objective, ae, latent_shape, device: torch.device,
                   captions: Optional[Dict[str, Any]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``samples_per_class`` images of each class (class-major order) in [-1, 1], with CFG, from the EMA
-    weights; returns (images (10·k, 1, S, S) on CPU, requested labels)."""
+    weights (Euler for rectified flow; DDPM ancestral steps with the learned variance for ``task="ddpm"``);
+    returns (images (10·k, 1, S, S) on CPU, requested labels)."""
     from fastdit.diffusion import sample
 
     k = cfg.samples_per_class
@@ -283,9 +316,10 @@ def sample_digits(cfg: DigitsDemoConfig, model, ema, objective, ae, latent_shape
         uncond = {"context": torch.zeros_like(ctx), "context_mask": torch.zeros_like(mask)}
     swap = ema.swap() if ema is not None else _nullcontext()
     with swap:
+        extra = {"variance": DDPM_OPTIONS["variance"]} if cfg.task == "ddpm" else {}
         latents = sample(model, (len(labels), *latent_shape), cond, uncond, cfg_scale=cfg.cfg_scale,
-                         sampler="euler", steps=cfg.sample_steps, objective=objective, seed=cfg.seed,
-                         device=device, progress=cfg.progress)
+                         sampler=cfg.sampler(), steps=cfg.sampling_steps(), objective=objective, seed=cfg.seed,
+                         device=device, progress=cfg.progress, **extra)
         images = ae.decode(latents.float()).clamp(-1, 1)
     return images.cpu(), labels
 
@@ -352,8 +386,7 @@ def run(cfg: DigitsDemoConfig) -> Dict[str, Any]:
     from fastdit.training import save_image_grid
     from fastdit.training.build import build_latent_space, save_autoencoder
 
-    if cfg.mode not in ("class", "captions"):
-        raise ValueError(f"mode must be 'class' or 'captions', got {cfg.mode!r}")
+    cfg.check()
     device = pick_device(cfg.device)
     os.makedirs(cfg.out_dir, exist_ok=True)
     started = time.perf_counter()
@@ -362,7 +395,7 @@ def run(cfg: DigitsDemoConfig) -> Dict[str, Any]:
     train_images, train_labels = images[train_idx], labels[train_idx]
     held_images, held_labels = images[held_idx], labels[held_idx]
     print(f"digits: {len(train_idx)} training, {len(held_idx)} held out, {cfg.image_size}x{cfg.image_size}; "
-          f"device {device}; mode {cfg.mode}", flush=True)
+          f"device {device}; mode {cfg.mode}; task {cfg.task}", flush=True)
 
     captions, caption_dim = None, None
     if cfg.mode == "captions":
@@ -384,15 +417,16 @@ def run(cfg: DigitsDemoConfig) -> Dict[str, Any]:
     latents_path = os.path.join(cfg.out_dir, LATENTS_FILE)
     torch.save(denoiser_tensors(cfg, latents, train_labels, captions), latents_path)
 
-    print(f"[2/3] {'DiT' if cfg.mode == 'class' else 'MMDiT'} on {latent_shape} latents: {cfg.dit_steps} steps",
-          flush=True)
+    print(f"[2/3] {'DiT' if cfg.mode == 'class' else 'MMDiT'} ({cfg.task}) on {latent_shape} latents: "
+          f"{cfg.dit_steps} steps", flush=True)
     t0 = time.perf_counter()
     config = denoiser_config(cfg, latent_shape, device, latents_path, ae_path, caption_dim)
     model, ema, objective, dit_info = train_denoiser(config)
     dit_info["seconds"] = time.perf_counter() - t0
 
-    print(f"[3/3] sampling {cfg.samples_per_class} per class, CFG {cfg.cfg_scale}, {cfg.sample_steps} Euler steps",
-          flush=True)
+    sampler_name = "Euler" if cfg.sampler() == "euler" else "DDPM (learned variance)"
+    print(f"[3/3] sampling {cfg.samples_per_class} per class, CFG {cfg.cfg_scale}, {cfg.sampling_steps()} "
+          f"{sampler_name} steps", flush=True)
     # decode through the saved autoencoder, as `fastdit sample` will (it is the AE used above, statistics included)
     latent_space = build_latent_space(config).to(device)
     samples, sample_labels = sample_digits(cfg, model, ema, objective, latent_space, latent_shape, device, captions)
@@ -408,6 +442,9 @@ def run(cfg: DigitsDemoConfig) -> Dict[str, Any]:
     report = {
         "job": "fastdit digits demo",
         "mode": cfg.mode,
+        "task": cfg.task,
+        "sampling": {"sampler": cfg.sampler(), "steps": cfg.sampling_steps(), "cfg_scale": cfg.cfg_scale,
+                     **({"variance": DDPM_OPTIONS["variance"]} if cfg.task == "ddpm" else {})},
         "quick": bool(cfg.quick_run),
         "conditioning": "class labels" if cfg.mode == "class" else "captions like 'a handwritten seven' (MiniLM)",
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),

@@ -11,18 +11,21 @@ import torch
 
 from fastdit.demos import digits
 from fastdit.demos.digits import DigitsDemoConfig, summary_lines
+from fastdit.training.build import build_model
 
 
-def _tiny(tmp_path, mode="class"):
+def _tiny(tmp_path, mode="class", task="rectified_flow"):
     """The quick demo with even fewer steps and a smaller denoiser (seconds on a CPU)."""
-    quick = DigitsDemoConfig(out_dir=str(tmp_path / "demo"), mode=mode, device="cpu", progress=False).quick()
+    quick = DigitsDemoConfig(out_dir=str(tmp_path / "demo"), mode=mode, task=task, device="cpu",
+                             progress=False).quick()
     return dataclasses.replace(quick, ae_steps=3, dit_steps=3, ae_batch=32, dit_batch=32, samples_per_class=1,
                                sample_steps=2, hidden_size=32, num_heads=2, depth=2)
 
 
-def _check_run(out, ae_used_stats=None):
+def _check_run(out, ae_used_stats=None, task="rectified_flow"):
+    from fastdit.diffusion import DDPM, RectifiedFlow
     from fastdit.training import TrainConfig
-    from fastdit.training.build import build_latent_space, build_model, model_family
+    from fastdit.training.build import build_latent_space, build_model, build_objective, model_family
     from fastdit.training.checkpoint import load_state
 
     config = TrainConfig.from_json(os.path.join(out, "denoiser", "config.json"))
@@ -30,7 +33,14 @@ def _check_run(out, ae_used_stats=None):
     assert config.data.kind == "memory" and config.data.num_classes == 10
     assert os.path.samefile(config.data.path, os.path.join(out, "latents.pt"))
     assert os.path.samefile(config.data.options["autoencoder"], os.path.join(out, "autoencoder.pt"))
-    assert config.task.name == "rectified_flow" and config.task.options["time_sampling"] == "logit_normal"
+    assert config.task.name == task
+    if task == "rectified_flow":
+        assert config.task.options["time_sampling"] == "logit_normal"
+        assert config.task.options["sampling"]["sampler"] == "euler"
+    else:
+        assert {k: config.task.options[k] for k in ("schedule", "variance", "num_timesteps")} == {
+            "schedule": "linear", "variance": "learned_range", "num_timesteps": 1000}
+        assert config.task.options["sampling"]["sampler"] == "ddpm"
     assert os.path.samefile(config.run.output_dir, os.path.join(out, "denoiser"))
     data = torch.load(config.data.path, weights_only=True)
     assert list(config.data.latent_shape) == list(data["x"].shape[1:]) == [4, 4, 4]
@@ -40,7 +50,15 @@ def _check_run(out, ae_used_stats=None):
     assert checkpoints
     state = load_state(checkpoints[-1])
     model.load_state_dict(state["model"], strict=True)  # the same architecture, every key
-    assert model.config.patch_size == 1 and model.config.hidden_size == 32 and not model.config.learn_sigma
+    assert model.config.patch_size == 1 and model.config.hidden_size == 32
+    assert model.config.learn_sigma == (task == "ddpm") == config.model.options["learn_sigma"]
+    # the objective the config rebuilds is the one that was trained
+    objective = build_objective(config, model)
+    if task == "rectified_flow":
+        assert isinstance(objective, RectifiedFlow)
+    else:
+        assert isinstance(objective, DDPM) and objective.schedule == "linear"
+        assert objective.num_timesteps == 1000 and objective.variance == "learned_range"
     # the autoencoder stage names no model preset (nothing there to sample: `fastdit sample <out>` picks the
     # denoiser), but records the ConvAutoencoder it trained and its own run folder
     ae_config = TrainConfig.from_json(os.path.join(out, "autoencoder", "config.json"))
@@ -54,6 +72,7 @@ def _check_run(out, ae_used_stats=None):
     assert ae.stats_fitted and ae.latent_mean.abs().min() > 0
     assert not torch.equal(ae.latent_std, torch.ones_like(ae.latent_std))
     report = json.loads(open(os.path.join(out, "report.json")).read())
+    assert report["task"] == task
     assert torch.equal(ae.latent_mean, torch.tensor(report["autoencoder"]["latent_mean"]))
     assert torch.equal(ae.latent_std, torch.tensor(report["autoencoder"]["latent_std"]))
     if ae_used_stats is not None:
@@ -84,6 +103,31 @@ def test_class_run_rebuilds_from_its_config(tmp_path, monkeypatch):
     assert family == "DiT" and config.model.name == "DiT-S/2"
     assert config.model.options["class_dropout_prob"] == cfg.cond_dropout
     assert "caption_encoder" not in config.data.options
+
+
+def test_ddpm_class_run_rebuilds_from_its_config(tmp_path):
+    """task="ddpm": a learned-sigma DiT trained as a DDPM (learned-range variance), sampled with DDPM steps."""
+    cfg = _tiny(tmp_path, task="ddpm")
+    report = digits.run(cfg)
+    config, family, _, _ = _check_run(cfg.out_dir, task="ddpm")
+    assert family == "DiT" and config.model.name == "DiT-S/2"
+    assert config.task.options["sampling"]["steps"] == 2
+    assert report["sampling"] == {"sampler": "ddpm", "steps": 2, "cfg_scale": cfg.cfg_scale,
+                                  "variance": "learned_range"}
+    with torch.no_grad():
+        out = build_model(config)(torch.zeros(2, 4, 4, 4), torch.zeros(2), y=torch.zeros(2, dtype=torch.long))
+    assert out.shape == (2, 8, 4, 4)  # eps and the variance interpolation
+
+
+def test_ddpm_samples_100_steps_unless_told():
+    cfg = DigitsDemoConfig(task="ddpm")
+    assert cfg.sampling_steps() == 100 and cfg.sampler() == "ddpm"
+    assert DigitsDemoConfig().sampling_steps() == 40 and DigitsDemoConfig().sampler() == "euler"
+    assert DigitsDemoConfig(task="ddpm", sample_steps=25).sampling_steps() == 25
+    with pytest.raises(ValueError, match="the captions mode trains with rectified flow only"):
+        DigitsDemoConfig(mode="captions", task="ddpm").check()
+    with pytest.raises(ValueError, match="task must be one of"):
+        DigitsDemoConfig(task="edm").check()
 
 
 def test_captions_run_rebuilds_from_its_config(tmp_path, monkeypatch):
