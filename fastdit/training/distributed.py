@@ -83,9 +83,14 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
     return DistInfo(rank, world, local_rank, dev, enabled=True, owns_group=True)
 
 
-def shutdown(info: DistInfo) -> None:
-    """Destroy the process group if ``init_distributed`` created it."""
+def shutdown(info: DistInfo, sync: bool = False) -> None:
+    """Destroy the process group if ``init_distributed`` created it. ``sync``: first a barrier, so that no rank
+    tears its group down while a peer's last collective is still in flight (gloo's worker threads can then
+    abort the process at exit); only after a clean finish, where every rank gets here (after an error a
+    peer may never arrive, and a barrier would wait for the whole timeout)."""
     if info.owns_group and dist.is_initialized():
+        if sync:
+            barrier(info)
         dist.destroy_process_group()
 
 

@@ -178,6 +178,7 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.resumed_from: Optional[str] = None
+        self._finished = False
         self._log: Optional[JsonlLogger] = None
         self._tb = None
         self._bar = None
@@ -263,6 +264,7 @@ class Trainer:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        self._finished = True  # every rank got here: close() may synchronise before tearing the group down
         return {"step": self.step, "skipped_steps": self.skipped_steps, "loss": last_loss,
                 "resumed_from": self.resumed_from}
 
@@ -322,7 +324,7 @@ class Trainer:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-        shutdown(self.dist)
+        shutdown(self.dist, sync=self._finished)
 
     # ---- one step -------------------------------------------------------------------------------
     def _train_step(self, step: int, batch: Dict[str, Any]):
