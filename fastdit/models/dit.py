@@ -8,6 +8,7 @@ modules, state-dict compatible with the official checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -32,6 +33,12 @@ class DiTConfig(PatchModelConfig):
     sizes work too (their position tables are computed). learn_sigma: predict the variance too (the
     output has 2 × in_channels channels). class_dropout_prob: label dropout for classifier-free
     guidance; > 0 adds the null class (label ``num_classes``).
+
+    Two numerical knobs exist to reproduce diffusers' port of DiT exactly (see
+    :mod:`fastdit.integrations.diffusers.convert_dit`); their defaults are the official DiT's and change
+    neither the state dict nor the outputs. timestep_freq_shift: the timestep embedding's frequencies are
+    ``10000 ** (-k / (F/2 - shift))`` (F = frequency_embedding_size; official 0, diffusers 1).
+    mlp_norm_eps: eps of each block's MLP-side LayerNorm (official 1e-6, diffusers' ``norm_eps`` 1e-5).
     """
 
     input_size: Union[int, Tuple[int, int]] = 32
@@ -45,6 +52,8 @@ class DiTConfig(PatchModelConfig):
     num_classes: int = 1000
     learn_sigma: bool = True
     frequency_embedding_size: int = 256
+    timestep_freq_shift: float = 0.0
+    mlp_norm_eps: float = 1e-6
 
     family = "DiT"
     PRESETS = {f"DiT-{size}/{p}": {"depth": d, "hidden_size": h, "num_heads": n, "patch_size": p}
@@ -57,6 +66,13 @@ class DiTConfig(PatchModelConfig):
                              f"got {self.hidden_size}")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(f"DiTConfig.class_dropout_prob must lie in [0, 1), got {self.class_dropout_prob}")
+        shift, half = self.timestep_freq_shift, self.frequency_embedding_size // 2
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift >= half:
+            raise ValueError(f"DiTConfig.timestep_freq_shift must be a finite number below frequency_embedding_size/2 "
+                             f"({half}), got {shift!r}")
+        eps = self.mlp_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+            raise ValueError(f"DiTConfig.mlp_norm_eps must be a positive number, got {eps!r}")
 
 
 class DiT(nn.Module):
@@ -91,11 +107,13 @@ class DiT(nn.Module):
         D = config.hidden_size
         self.gradient_checkpointing = False
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
-        self.t_embedder = TimestepEmbedder(D, config.frequency_embedding_size)
+        self.t_embedder = TimestepEmbedder(D, config.frequency_embedding_size,
+                                           freq_shift=config.timestep_freq_shift)
         self.y_embedder = LabelEmbedder(config.num_classes, D, config.class_dropout_prob)
         gh, gw = config.grid_size
         self.register_buffer("pos_embed", sincos_2d(D, gh, gw).float().unsqueeze(0), persistent=True)
-        self.blocks = nn.ModuleList(DiTBlock(D, config.num_heads, config.mlp_ratio, backend=backend)
+        self.blocks = nn.ModuleList(DiTBlock(D, config.num_heads, config.mlp_ratio, mlp_norm_eps=config.mlp_norm_eps,
+                                             backend=backend)
                                     for _ in range(config.depth))
         self.final_layer = FinalLayer(D, config.patch_size, config.out_channels, backend=backend)
         self._pos_cache: Dict[tuple, Tensor] = {}

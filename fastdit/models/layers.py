@@ -120,15 +120,20 @@ def unpatchify(tokens: Tensor, grid: Size2, patch_size: int, channels: int) -> T
 
 # ------------------------------------------------------------------------------------- conditioning
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, dtype: Optional[torch.dtype] = None
-                       ) -> Tensor:
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, dtype: Optional[torch.dtype] = None,
+                       freq_shift: float = 0.0) -> Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, DiT/ADM layout ``[cos, sin]``:
-    t (B,) -> (B, dim), frequencies ``max_period ** (-k / (dim/2))``. Computed in ``dtype``, by default
-    float32 (float64 when t is float64): the angles reach ~1000 rad, too large for half precision."""
+    t (B,) -> (B, dim), frequencies ``max_period ** (-k / (dim/2 - freq_shift))``, k < dim/2. Computed in
+    ``dtype``, by default float32 (float64 when t is float64): the angles reach ~1000 rad, too large for
+    half precision.
+
+    ``freq_shift`` 0 is DiT/ADM; 1 is diffusers' ``Timesteps(dim, flip_sin_to_cos=True,
+    downscale_freq_shift=1)`` (its DiT port), equal to it bit for bit in float32."""
     if dtype is None:
         dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
+    # same operation order as diffusers' get_timestep_embedding (bitwise equal in float32)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / (half - freq_shift))
     angles = t.to(dtype)[:, None] * freqs[None]
     emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
     if dim % 2:
@@ -138,11 +143,14 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, dtype: 
 
 class TimestepEmbedder(nn.Module):
     """t (B,) float timesteps in model units -> (B, hidden): sinusoidal embedding of size
-    ``frequency_embedding_size`` then ``mlp = Linear, SiLU, Linear`` (keys ``mlp.0``, ``mlp.2``)."""
+    ``frequency_embedding_size`` then ``mlp = Linear, SiLU, Linear`` (keys ``mlp.0``, ``mlp.2``).
+    ``freq_shift``: see :func:`timestep_embedding` (0 = DiT, 1 = diffusers' DiT port)."""
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, max_period: float = 10000.0):
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, max_period: float = 10000.0,
+                 freq_shift: float = 0.0):
         super().__init__()
         self.frequency_embedding_size, self.max_period = frequency_embedding_size, max_period
+        self.freq_shift = freq_shift
         self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size, bias=True), nn.SiLU(),
                                  nn.Linear(hidden_size, hidden_size, bias=True))
 
@@ -150,7 +158,7 @@ class TimestepEmbedder(nn.Module):
         weight_dtype = self.mlp[0].weight.dtype
         # float64 models (tests, references) embed in float64; everything else in float32
         dtype = torch.float64 if torch.float64 in (t.dtype, weight_dtype) else torch.float32
-        emb = timestep_embedding(t, self.frequency_embedding_size, self.max_period, dtype)
+        emb = timestep_embedding(t, self.frequency_embedding_size, self.max_period, dtype, self.freq_shift)
         return self.mlp(emb.to(weight_dtype))
 
 

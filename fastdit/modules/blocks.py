@@ -33,12 +33,13 @@ class DiTBlock(nn.Module):
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *, qk_norm: bool = False,
-                 rope_interleaved: bool = True, backend: Optional[str] = None):
+                 rope_interleaved: bool = True, mlp_norm_eps: float = 1e-6, backend: Optional[str] = None):
         super().__init__()
         self.norm1 = ModulatedLayerNorm(hidden_size, eps=1e-6, backend=backend)
         self.attn = JointAttention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm,
                                    rope_interleaved=rope_interleaved, backend=backend)
-        self.norm2 = ModulatedLayerNorm(hidden_size, eps=1e-6, backend=backend)
+        # mlp_norm_eps: the MLP-side LayerNorm's eps (diffusers' DiT port uses its norm_eps, 1e-5, there)
+        self.norm2 = ModulatedLayerNorm(hidden_size, eps=mlp_norm_eps, backend=backend)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = AdaLNModulation(hidden_size, 6)
 

@@ -110,6 +110,42 @@ def test_integer_timesteps_and_a_scalar_timestep(ref):
     torch.testing.assert_close(ours(x, torch.tensor(17.0, dtype=torch.float64), y), ours(x, t, y))
 
 
+def test_diffusers_numerics_fields_default_to_the_official_and_reach_the_layers(ref):
+    # defaults: the official model (its state dict loads strictly and its outputs are matched above)
+    cfg = DiTConfig()
+    assert (cfg.timestep_freq_shift, cfg.mlp_norm_eps) == (0.0, 1e-6)
+    ours, official = official_pair(ref, dtype=torch.float32)
+    assert ours.t_embedder.freq_shift == 0.0 and {b.norm2.eps for b in ours.blocks} == {1e-6}
+    # diffusers' values: same keys and shapes, shifted frequencies, MLP-side eps only
+    knobs = small_dit(class_dropout_prob=0.1, learn_sigma=True, timestep_freq_shift=1, mlp_norm_eps=1e-5).double()
+    assert {k: v.shape for k, v in knobs.state_dict().items()} == {k: v.shape for k, v in official.state_dict().items()}
+    assert {b.norm2.eps for b in knobs.blocks} == {1e-5} and {b.norm1.eps for b in knobs.blocks} == {1e-6}
+    assert knobs.final_layer.norm_final.eps == 1e-6
+    t = torch.tensor([0.0, 3.5, 999.0], dtype=torch.float64)
+    k = torch.arange(128, dtype=torch.float64)
+    angles = t[:, None] * torch.exp(-math.log(10000) * k / 127)
+    expected = knobs.t_embedder.mlp(torch.cat([angles.cos(), angles.sin()], dim=1))
+    torch.testing.assert_close(knobs.t_embedder(t), expected, rtol=1e-12, atol=1e-12)
+    # the fields change the outputs of the same weights
+    plain = small_dit(class_dropout_prob=0.1, learn_sigma=True).double()
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_(0, 0.1)
+    x, t, y = inputs(2, 3, 8, 8, SMALL["num_classes"], torch.float64)
+    for field, value in (("timestep_freq_shift", 1.0), ("mlp_norm_eps", 1e-2)):
+        other = small_dit(class_dropout_prob=0.1, learn_sigma=True, **{field: value}).double()
+        other.load_state_dict(plain.state_dict(), strict=True)
+        assert not torch.allclose(other(x, t, y), plain(x, t, y), rtol=1e-6, atol=0)
+    # configs saved before the fields existed load with the defaults
+    new_fields = ("timestep_freq_shift", "mlp_norm_eps")
+    old = {k: v for k, v in DiTConfig(input_size=16).to_dict().items() if k not in new_fields}
+    assert DiTConfig.from_dict(old) == DiTConfig(input_size=16)
+    for bad in (dict(timestep_freq_shift=128), dict(timestep_freq_shift=float("nan")), dict(timestep_freq_shift=True),
+                dict(mlp_norm_eps=0.0), dict(mlp_norm_eps=-1e-6)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            DiTConfig(**bad)
+
+
 # ------------------------------------------------------------------------------ initialisation
 
 def test_fresh_model_outputs_zeros_and_has_the_official_init():
