@@ -40,10 +40,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdit.backend import resolve_backend
