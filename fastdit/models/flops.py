@@ -75,27 +75,40 @@ def mmdit_flop_breakdown(config, height: Optional[int] = None, width: Optional[i
     """Forward FLOPs of one sample of an :class:`~fastdit.models.MMDiT` by part, for an input of
     ``height × width`` (latent pixels) and ``caption_len`` caption tokens (padded length).
 
-    ``depth - 1`` joint blocks run both streams in full; the last block is context-pre-only: the
-    caption stream gives keys and values (its queries ride along in the joint attention and are
-    discarded), and has no output projection or MLP."""
+    With ``context_pre_only_last`` (the default), ``depth - 1`` joint blocks run both streams in full and
+    the last block is context-pre-only: the caption stream gives keys and values (its queries ride along in
+    the joint attention and are discarded), and has no output projection or MLP; else all ``depth`` joint
+    blocks are full. ``single_depth`` single-stream blocks run linear1 (QKV + MLP in) and linear2 on all
+    N + L tokens (part ``single_blocks``; their attention is in ``attention``, their modulation in
+    ``adaln``). Parts ``guidance_embedder`` (with guidance_embed) and ``single_blocks`` (with single_depth)
+    appear only when the model has them."""
     if caption_len < 0:
         raise ValueError(f"caption_len must be >= 0, got {caption_len}")
     gh, gw = _grid(config, height, width)
     N, L, D, p = gh * gw, int(caption_len), config.hidden_size, config.patch_size
     hidden = int(D * config.mlp_ratio)
-    full, pre_only = config.depth - 1, 1
+    pre_only = 1 if getattr(config, "context_pre_only_last", True) else 0
+    full = config.depth - pre_only
+    single = getattr(config, "single_depth", 0)
+    pooled_in = getattr(config, "pooled_dim", None) or config.caption_dim
+    freq = config.frequency_embedding_size
     per_token_stream = 4 * D * D + 2 * D * hidden  # qkv (3D²) + proj (D²) + MLP
     macs = {
         "patch_embed": N * config.in_channels * p * p * D,
         "context_embedder": L * config.caption_dim * D,
-        "t_embedder": config.frequency_embedding_size * D + D * D,
-        "pooled_embedder": config.caption_dim * D + D * D,
-        "adaln": full * 2 * D * 6 * D + pre_only * (D * 6 * D + D * 2 * D),
+        "t_embedder": freq * D + D * D,
+        "pooled_embedder": pooled_in * D + D * D,
+        "adaln": full * 2 * D * 6 * D + pre_only * (D * 6 * D + D * 2 * D) + single * D * 3 * D,
         "image_stream": config.depth * N * per_token_stream,
         "caption_stream": full * L * per_token_stream + pre_only * L * 2 * D * D,  # last: K, V only
-        "attention": config.depth * 2 * (N + L) ** 2 * D,
+        "attention": (config.depth + single) * 2 * (N + L) ** 2 * D,
         "final_layer": D * 2 * D + N * D * p * p * _out_channels(config),
     }
+    if getattr(config, "guidance_embed", False):
+        macs["guidance_embedder"] = freq * D + D * D
+    if single:
+        # linear1: D -> 3D + hidden; linear2: D + hidden -> D; every token of both streams
+        macs["single_blocks"] = single * (N + L) * (D * (3 * D + hidden) + (D + hidden) * D)
     return _macs_to_flops(macs)
 
 

@@ -1,14 +1,21 @@
-"""MMDiT: a caption-conditional latent DiT with symmetric joint attention (SD3-like), built from
-fastdit's :class:`~fastdit.modules.JointDiTBlock`.
+"""MMDiT: a caption-conditional latent DiT with symmetric joint attention (SD3-like, and Flux-like with
+single-stream blocks), built from fastdit's :class:`~fastdit.modules.JointDiTBlock` and
+:class:`~fastdit.modules.SingleStreamDiTBlock`.
 
     model = MMDiT.from_name("MMDiT-S/2", caption_dim=384)
     out = model(x, t, context, context_mask)     # x (B, 4, H, W), t (B,), context (B, L, 384), lengths (B,)
 
-Image tokens come from a Conv2d patchify, with a learned position table or 2-D axial RoPE; caption
-tokens (B, L, caption_dim) are projected to the model width and carry no position. The conditioning
-vector is ``c = MLP_t(Emb(t)) + MLP_c(mean of the real caption tokens)``. Each joint block has separate
-weights per stream and one attention over both; the last block is context-pre-only (as in SD3): its
-caption stream only supplies keys and values, since nothing reads the caption stream after it.
+Image tokens come from a Conv2d patchify, with a learned position table, 2-D axial RoPE, Flux's multi-axis
+RoPE (``rope_axes_dims``) or SD3's fixed, centre-cropped sin-cos table (``"sincos_crop"``); caption tokens
+(B, L, caption_dim) are projected to the model width and carry no position. The conditioning vector is
+``c = MLP_t(Emb(t)) [+ MLP_g(Emb(guidance))] + MLP_p(pooled)``, where pooled is the mean of the real
+caption tokens or (``pooled_dim``) a separate pooled caption vector (CLIP's, in SD3 and Flux). Each joint
+(double-stream) block has separate weights per stream and one attention over both; by default the last
+one is context-pre-only (as in SD3): its caption stream only supplies keys and values, since nothing reads
+the caption stream after it. ``single_depth`` single-stream blocks (Flux) may follow the double blocks.
+
+The weight converters from and to diffusers' ``SD3Transformer2DModel`` and ``FluxTransformer2DModel`` are
+in :mod:`fastdit.integrations.diffusers.convert_mmdit`.
 """
 from __future__ import annotations
 
@@ -23,18 +30,23 @@ from torch.utils.checkpoint import checkpoint
 from fastdit.models.config import PatchModelConfig
 from fastdit.models.flops import mmdit_flop_breakdown, mmdit_flops, training_flops
 from fastdit.models.layers import (FinalLayer, PatchEmbed, Size2, TimestepEmbedder, check_image, check_timesteps,
-                                   init_dit_weights_, sincos_2d, unpatchify)
-from fastdit.modules import AdaLNModulation, JointAttention, JointDiTBlock, Mlp, ModulatedLayerNorm, RMSNorm
+                                   init_dit_weights_, sincos_1d, sincos_2d, unpatchify)
+from fastdit.modules import (AdaLNModulation, JointAttention, JointDiTBlock, Mlp, ModulatedLayerNorm, RMSNorm,
+                             SingleStreamDiTBlock)
 from fastdit.ops.adaln import per_token
 from fastdit.ops.attention import joint_attention
 from fastdit.ops.qk_norm_rotary import qk_norm_rope
 from fastdit.ops.rmsnorm import rms_norm
-from fastdit.ops.rotary import rope_freqs_2d
+from fastdit.ops.rotary import rope_freqs, rope_freqs_2d
 
 # (depth, hidden size, heads): DiT's sizes, plus a tiny one for tests and demos
 MMDIT_SIZES = {"Tiny": (2, 128, 2), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16),
                "XL": (28, 1152, 16)}
-POS_EMBED_KINDS = ("rope", "learned")
+POS_EMBED_KINDS = ("rope", "learned", "sincos_crop")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass
@@ -43,10 +55,23 @@ class MMDiTConfig(PatchModelConfig):
 
     input_size: the latent size (int or (height, width)) the learned position table is built for
     (other sizes interpolate it; RoPE tables are computed for any size). caption_dim: width of the
-    caption encoder's tokens (384 for all-MiniLM-L6-v2). pos_embed: ``"rope"`` (2-D axial RoPE on the
-    image tokens' queries and keys; head dim divisible by 4) or ``"learned"`` (a table added to the
-    image tokens). learn_sigma: output 2 × in_channels channels. depth counts every block, the last
-    (context-pre-only) one included.
+    caption encoder's tokens (384 for all-MiniLM-L6-v2). pos_embed: ``"rope"`` (RoPE on the image
+    tokens' queries and keys: 2-D axial, head dim divisible by 4, or multi-axis with ``rope_axes_dims``),
+    ``"learned"`` (a table added to the image tokens) or ``"sincos_crop"`` (SD3: a fixed 2-D sin-cos table
+    added to the image tokens, built for a ``pos_embed_max_size``² grid whose positions are scaled by
+    ``base_size / pos_embed_max_size`` with base_size = the rows of ``input_size``'s patch grid, and
+    centre-cropped to each input's grid). learn_sigma: output 2 × in_channels channels.
+
+    depth: the number of double-stream (joint) blocks; single_depth: the number of single-stream blocks
+    after them (Flux; keys ``single_blocks.{i}.*``). context_pre_only_last: the last double block is
+    context-pre-only (SD3; needs single_depth = 0) or a full double block (Flux: False).
+    pooled_dim: None = the pooled conditioning is the mean of the real caption tokens; an int = the model
+    takes a separate pooled vector ``pooled`` (B, pooled_dim) (CLIP's pooled output in SD3/Flux).
+    guidance_embed: Flux-dev's guidance embedding (a second timestep MLP on ``guidance``, added to c).
+    rope_axes_dims: Flux's RoPE (e.g. (16, 56, 56), summing to the head dim): image token ids are
+    (0, …, 0, row, col) over the patch grid, caption ids all 0 (the identity rotation); None = 2-D axial
+    RoPE, which equals ``(head_dim/2, head_dim/2)``. pos_embed_max_size: the grid side of the
+    ``"sincos_crop"`` table (SD3's ``pos_embed_max_size``).
     """
 
     input_size: Union[int, Tuple[int, int]] = 32
@@ -62,6 +87,12 @@ class MMDiTConfig(PatchModelConfig):
     rope_theta: float = 10000.0
     learn_sigma: bool = False
     frequency_embedding_size: int = 256
+    single_depth: int = 0
+    context_pre_only_last: bool = True
+    pooled_dim: Optional[int] = None
+    guidance_embed: bool = False
+    rope_axes_dims: Optional[Tuple[int, ...]] = None
+    pos_embed_max_size: Optional[int] = None
 
     family = "MMDiT"
     PRESETS = {f"MMDiT-{size}/{p}": {"depth": d, "hidden_size": h, "num_heads": n, "patch_size": p}
@@ -72,15 +103,63 @@ class MMDiTConfig(PatchModelConfig):
         if self.pos_embed not in POS_EMBED_KINDS:
             raise ValueError(f"MMDiTConfig.pos_embed must be one of {', '.join(POS_EMBED_KINDS)}, "
                              f"got {self.pos_embed!r}")
-        if self.pos_embed == "rope" and self.head_dim % 4:
+        for name in ("context_pre_only_last", "guidance_embed"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MMDiTConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if not _is_int(self.single_depth) or self.single_depth < 0:
+            raise ValueError(f"MMDiTConfig.single_depth must be an int >= 0, got {self.single_depth!r}")
+        if self.single_depth and self.context_pre_only_last:
+            raise ValueError("MMDiTConfig: single_depth > 0 needs context_pre_only_last=False (a context-pre-only "
+                             "last double block drops the caption stream that the single-stream blocks read)")
+        if self.pooled_dim is not None and (not _is_int(self.pooled_dim) or self.pooled_dim < 1):
+            raise ValueError(f"MMDiTConfig.pooled_dim must be None or a positive int, got {self.pooled_dim!r}")
+        self._validate_positions()
+
+    def _validate_positions(self) -> None:
+        if self.rope_axes_dims is not None:
+            axes = self.rope_axes_dims
+            if isinstance(axes, (str, bytes)) or not hasattr(axes, "__len__") or len(axes) < 2 or not all(
+                    _is_int(a) and a > 0 and a % 2 == 0 for a in axes):
+                raise ValueError(f"MMDiTConfig.rope_axes_dims must be >= 2 positive even ints (e.g. (16, 56, 56)), "
+                                 f"got {axes!r}")
+            self.rope_axes_dims = tuple(axes)
+            if self.pos_embed != "rope":
+                raise ValueError(f"MMDiTConfig: rope_axes_dims is for pos_embed='rope', got pos_embed="
+                                 f"{self.pos_embed!r}")
+            if sum(self.rope_axes_dims) != self.head_dim:
+                raise ValueError(f"MMDiTConfig: rope_axes_dims {list(self.rope_axes_dims)} must sum to the head dim "
+                                 f"{self.head_dim}")
+        elif self.pos_embed == "rope" and self.head_dim % 4:
             raise ValueError(f"MMDiTConfig: 2-D RoPE needs a head dim divisible by 4, got {self.head_dim}")
-        if self.pos_embed == "learned" and self.hidden_size % 4:
-            raise ValueError(f"MMDiTConfig: the learned table starts from 2-D sin-cos and needs hidden_size "
+        if self.pos_embed in ("learned", "sincos_crop") and self.hidden_size % 4:
+            raise ValueError(f"MMDiTConfig: the {self.pos_embed} table is 2-D sin-cos and needs hidden_size "
                              f"divisible by 4, got {self.hidden_size}")
+        if self.pos_embed == "sincos_crop":
+            size = self.pos_embed_max_size
+            if not _is_int(size) or size < 1:
+                raise ValueError(f"MMDiTConfig: pos_embed='sincos_crop' needs pos_embed_max_size, a positive int, "
+                                 f"got {size!r}")
+            if max(self.grid_size) > size:
+                raise ValueError(f"MMDiTConfig: input_size's patch grid {self.grid_size} exceeds "
+                                 f"pos_embed_max_size {size}")
+        elif self.pos_embed_max_size is not None:
+            raise ValueError(f"MMDiTConfig: pos_embed_max_size is for pos_embed='sincos_crop', got pos_embed="
+                             f"{self.pos_embed!r}")
+
+
+def sincos_crop_table(dim: int, max_size: int, base_size: int, interpolation_scale: float = 1.0) -> Tensor:
+    """SD3's fixed position table (diffusers' ``PatchEmbed(pos_embed_max_size=...)``): the 2-D sin-cos table
+    of a ``max_size × max_size`` grid whose positions are ``i / (max_size / base_size) / interpolation_scale``,
+    (max_size², dim) float32, tokens row-major, the first dim/2 channels encoding the column (as DiT's).
+    Positions are computed in float32, angles in float64, the table rounded to float32 — the steps of
+    diffusers' ``get_2d_sincos_pos_embed``, so the table is bitwise SD3's."""
+    pos = torch.arange(max_size, dtype=torch.float32) / (max_size / base_size) / interpolation_scale
+    rows, cols = pos.repeat_interleave(max_size), pos.repeat(max_size)
+    return torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1).float()
 
 
 class PooledCaptionEmbedder(nn.Module):
-    """Mean caption features (B, caption_dim) -> (B, hidden): ``mlp = Linear, SiLU, Linear``."""
+    """Pooled caption features (B, caption_dim or pooled_dim) -> (B, hidden): ``mlp = Linear, SiLU, Linear``."""
 
     def __init__(self, caption_dim: int, hidden_size: int):
         super().__init__()
@@ -186,9 +265,10 @@ def caption_mask(context_mask: Optional[Tensor], batch: int, length: int, device
 
 
 class MMDiT(nn.Module):
-    """Caption-conditional latent DiT with symmetric joint attention (SD3-like).
+    """Caption-conditional latent DiT with symmetric joint attention (SD3-like; Flux-like with
+    single-stream blocks).
 
-    ``forward(x, t, context, context_mask=None) -> (B, C_out, H, W)``:
+    ``forward(x, t, context, context_mask=None, *, pooled=None, guidance=None) -> (B, C_out, H, W)``:
 
     - x: (B, in_channels, H, W) latents, H and W multiples of the patch size, any aspect ratio;
     - t: (B,) timesteps in model units (e.g. rectified-flow t·1000), or a scalar;
@@ -196,11 +276,17 @@ class MMDiT(nn.Module):
     - context_mask: which caption tokens are real, bool (B, L) or lengths (B,); None = all real.
       Padded tokens take no part: they are zeroed before the projections, masked out as attention keys,
       and left out of the pooled mean. A sample with no real tokens gets a pooled mean of 0 and its image
-      tokens attend over the image only.
+      tokens attend over the image only;
+    - pooled: (B, pooled_dim), only and always for a model with ``config.pooled_dim`` (CLIP's pooled output
+      in SD3/Flux); else the pooled conditioning is the mean of the real caption tokens;
+    - guidance: (B,) or a scalar, only and always with ``config.guidance_embed`` (Flux-dev): embedded like t,
+      in the same units (Flux embeds 1000 × the guidance scale).
 
-    Keys: ``x_embedder.proj``, ``pos_embed`` (learned variant: (1, N, D) parameter),
-    ``context_embedder``, ``t_embedder.mlp``, ``pooled_embedder.mlp``, ``blocks.{i}.*`` (JointDiTBlock's
-    keys; the last block has ``attn.txt_kv`` and a 2-chunk ``txt_adaLN_modulation``), ``final_layer``.
+    Keys: ``x_embedder.proj``, ``pos_embed`` (learned variant: (1, N, D) parameter; the ``"sincos_crop"``
+    table is a non-persistent buffer), ``context_embedder``, ``t_embedder.mlp``, ``pooled_embedder.mlp``,
+    ``guidance_embedder.mlp`` (with guidance_embed), ``blocks.{i}.*`` (JointDiTBlock's keys; a
+    context-pre-only last block has ``attn.txt_kv`` and a 2-chunk ``txt_adaLN_modulation``),
+    ``single_blocks.{i}.*`` (SingleStreamDiTBlock's keys), ``final_layer``.
 
     ``backend`` goes to every fastdit module; ``gradient_checkpointing = True`` recomputes each block
     in backward.
@@ -216,12 +302,23 @@ class MMDiT(nn.Module):
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
         self.context_embedder = nn.Linear(config.caption_dim, D)
         self.t_embedder = TimestepEmbedder(D, config.frequency_embedding_size)
-        self.pooled_embedder = PooledCaptionEmbedder(config.caption_dim, D)
+        self.pooled_embedder = PooledCaptionEmbedder(config.pooled_dim or config.caption_dim, D)
+        if config.guidance_embed:
+            self.guidance_embedder = TimestepEmbedder(D, config.frequency_embedding_size)
         if config.pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, config.grid_size[0] * config.grid_size[1], D))
+        elif config.pos_embed == "sincos_crop":
+            # a buffer (it follows .to(dtype), as diffusers' does), not saved: it is a function of the config
+            table = sincos_crop_table(D, config.pos_embed_max_size, config.grid_size[0])
+            self.register_buffer("pos_embed", table.unsqueeze(0), persistent=False)
         block_args = dict(mlp_ratio=config.mlp_ratio, qk_norm=config.qk_norm, backend=backend)
-        blocks = [JointDiTBlock(D, config.num_heads, **block_args) for _ in range(config.depth - 1)]
-        self.blocks = nn.ModuleList(blocks + [ContextPreOnlyJointBlock(D, config.num_heads, **block_args)])
+        n_full = config.depth - 1 if config.context_pre_only_last else config.depth
+        blocks = [JointDiTBlock(D, config.num_heads, **block_args) for _ in range(n_full)]
+        if config.context_pre_only_last:
+            blocks.append(ContextPreOnlyJointBlock(D, config.num_heads, **block_args))
+        self.blocks = nn.ModuleList(blocks)
+        self.single_blocks = nn.ModuleList(SingleStreamDiTBlock(D, config.num_heads, **block_args)
+                                           for _ in range(config.single_depth))
         self.final_layer = FinalLayer(D, config.patch_size, config.out_channels, backend=backend)
         self._rope_cache: Dict[tuple, Tensor] = {}
         self.initialize_weights()
@@ -233,18 +330,33 @@ class MMDiT(nn.Module):
 
     def initialize_weights(self) -> None:
         """DiT's initialisation (xavier linears, zero AdaLN and final layer: a fresh model outputs
-        zeros), normal(0.02) for the pooled-caption MLP like the timestep MLP, and the learned position
-        table starting from the 2-D sin-cos table."""
+        zeros), normal(0.02) for the pooled-caption and guidance MLPs like the timestep MLP, and the learned
+        position table starting from the 2-D sin-cos table."""
         init_dit_weights_(self)
         nn.init.normal_(self.pooled_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.pooled_embedder.mlp[2].weight, std=0.02)
+        if self.config.guidance_embed:
+            nn.init.normal_(self.guidance_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.guidance_embedder.mlp[2].weight, std=0.02)
+        for block in self.single_blocks:
+            nn.init.zeros_(block.adaLN_modulation[1].weight)
+            nn.init.zeros_(block.adaLN_modulation[1].bias)
         if self.config.pos_embed == "learned":
             with torch.no_grad():
                 self.pos_embed.copy_(sincos_2d(self.config.hidden_size, *self.config.grid_size).unsqueeze(0))
 
     def pos_embed_for(self, grid: Size2) -> Tensor:
-        """Learned position table (1, gh·gw, D) for a patch grid: the parameter itself for the configured
-        grid, else the table resized bilinearly (differentiable: the other sizes train the same table)."""
+        """Position table (1, gh·gw, D) for a patch grid. Learned: the parameter itself for the configured
+        grid, else the table resized bilinearly (differentiable: the other sizes train the same table).
+        ``"sincos_crop"``: the centre gh × gw crop of the fixed table (as SD3's ``cropped_pos_embed``)."""
+        if self.config.pos_embed == "sincos_crop":
+            size = self.config.pos_embed_max_size
+            gh, gw = grid
+            if gh > size or gw > size:
+                raise ValueError(f"MMDiT: the patch grid {gh}×{gw} exceeds pos_embed_max_size {size}")
+            top, left = (size - gh) // 2, (size - gw) // 2
+            table = self.pos_embed.reshape(size, size, -1)[top:top + gh, left:left + gw]
+            return table.reshape(1, gh * gw, -1)
         gh0, gw0 = self.config.grid_size
         if tuple(grid) == (gh0, gw0):
             return self.pos_embed
@@ -254,11 +366,20 @@ class MMDiT(nn.Module):
         return table.flatten(2).transpose(1, 2)
 
     def rope_table(self, grid: Size2, device: torch.device) -> Tensor:
-        """2-D axial RoPE table (gh·gw, head_dim/2, 2) float32 for the image tokens, cached per grid."""
+        """RoPE table (gh·gw, head_dim/2, 2) float32 for the image tokens, cached per grid: 2-D axial, or with
+        ``rope_axes_dims`` Flux's, for ids (0, …, 0, row, col) (row-major tokens)."""
         key = (tuple(grid), device)
         table = self._rope_cache.get(key)
         if table is None:
-            table = rope_freqs_2d(grid[0], grid[1], self.config.head_dim, self.config.rope_theta, device=device)
+            axes = self.config.rope_axes_dims
+            if axes is None:
+                table = rope_freqs_2d(grid[0], grid[1], self.config.head_dim, self.config.rope_theta, device=device)
+            else:
+                rows, cols = torch.meshgrid(torch.arange(grid[0], device=device),
+                                            torch.arange(grid[1], device=device), indexing="ij")
+                ids = torch.zeros(grid[0] * grid[1], len(axes), dtype=torch.long, device=device)
+                ids[:, -2], ids[:, -1] = rows.reshape(-1), cols.reshape(-1)
+                table = rope_freqs(ids, axes, self.config.rope_theta)
             if not torch.compiler.is_compiling():  # eager-only cache; compiled code recomputes
                 self._rope_cache[key] = table
         return table
@@ -273,31 +394,66 @@ class MMDiT(nn.Module):
             raise ValueError(f"MMDiT: context must be (B, L, caption_dim) = ({batch}, L >= 1, "
                              f"{self.config.caption_dim}), got {tuple(context.shape)}")
 
-    def forward(self, x: Tensor, t: Tensor, context: Tensor, context_mask: Optional[Tensor] = None) -> Tensor:
+    def _check_pooled(self, pooled: Optional[Tensor], batch: int) -> None:
+        dim = self.config.pooled_dim
+        if dim is None:
+            if pooled is not None:
+                raise ValueError("MMDiT: pooled given, but this model pools its caption tokens (config.pooled_dim "
+                                 "is None); build it with pooled_dim to take a pooled vector")
+            return
+        if pooled is None:
+            raise ValueError(f"MMDiT: this model takes a pooled caption vector: pass pooled=(B, {dim}) "
+                             f"(config.pooled_dim={dim})")
+        if not isinstance(pooled, Tensor) or not pooled.is_floating_point() or tuple(pooled.shape) != (batch, dim):
+            what = (f"{tuple(pooled.shape)} {pooled.dtype}" if isinstance(pooled, Tensor)
+                    else type(pooled).__name__)
+            raise ValueError(f"MMDiT: pooled must be a float tensor (B, pooled_dim) = ({batch}, {dim}), got {what}")
+
+    def _check_guidance(self, guidance: Optional[Tensor], batch: int) -> Optional[Tensor]:
+        if not self.config.guidance_embed:
+            if guidance is not None:
+                raise ValueError("MMDiT: guidance given, but this model has no guidance embedding "
+                                 "(config.guidance_embed=False)")
+            return None
+        if guidance is None:
+            raise ValueError("MMDiT: this model embeds a guidance value (config.guidance_embed=True): pass "
+                             "guidance=(B,) or a scalar tensor, in the units of t (Flux: 1000 × the guidance scale)")
+        return check_timesteps(guidance, batch, "MMDiT (guidance)")
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, context_mask: Optional[Tensor] = None, *,
+                pooled: Optional[Tensor] = None, guidance: Optional[Tensor] = None) -> Tensor:
         grid = check_image(x, self.config.in_channels, self.config.patch_size, "MMDiT")
         B = x.shape[0]
         t = check_timesteps(t, B, "MMDiT")
         self._check_context(context, B)
+        self._check_pooled(pooled, B)
+        guidance = self._check_guidance(guidance, B)
         mask = caption_mask(context_mask, B, context.shape[1], context.device)
 
         if mask is not None:
             # Zeroed padding: whatever the padded positions hold (even NaN) cannot leak into the
             # output through 0-weighted attention values or the pooled sum.
             context = context.masked_fill(~mask.unsqueeze(-1), 0.0)
-            real = mask.unsqueeze(-1).to(context.dtype)
-            pooled = context.sum(1) / real.sum(1).clamp(min=1.0)  # no real tokens: mean := 0
-        else:
-            pooled = context.mean(1)
+        if self.config.pooled_dim is None:
+            if mask is not None:
+                real = mask.unsqueeze(-1).to(context.dtype)
+                pooled = context.sum(1) / real.sum(1).clamp(min=1.0)  # no real tokens: mean := 0
+            else:
+                pooled = context.mean(1)
 
         img = self.x_embedder(x)
-        if self.config.pos_embed == "learned":
+        if self.config.pos_embed == "rope":
+            img_freqs = self.rope_table(grid, x.device)
+        else:
             img = img + self.pos_embed_for(grid)
             img_freqs = None
-        else:
-            img_freqs = self.rope_table(grid, x.device)
         txt = self.context_embedder(context)
-        c = self.t_embedder(t) + self.pooled_embedder(pooled)
-        for block in self.blocks:
+        c = self.t_embedder(t)
+        if guidance is not None:
+            c = c + self.guidance_embedder(guidance)
+        c = c + self.pooled_embedder(pooled)
+        for block in (*self.blocks, *self.single_blocks):
+            # caption tokens carry no position: their RoPE (Flux's ids 0) is the identity, i.e. no table
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 img, txt = checkpoint(block, img, txt, c, mask, img_freqs, None, use_reentrant=False)
             else:

@@ -7,7 +7,7 @@ from torch import nn
 
 from fastdit.backend import resolve_backend
 from fastdit.modules.attention import JointAttention
-from fastdit.modules.blocks import DiTBlock, JointDiTBlock, Mlp
+from fastdit.modules.blocks import DiTBlock, JointDiTBlock, Mlp, SingleStreamDiTBlock
 from fastdit.modules.norms import AdaLNModulation, ModulatedLayerNorm, RMSNorm
 from fastdit.modules.rotary import RotaryEmbedding
 
@@ -17,10 +17,11 @@ def set_module_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
     if backend is not None:
         resolve_backend(backend)  # validate
     for module in model.modules():
-        if isinstance(module, (ModulatedLayerNorm, RMSNorm, RotaryEmbedding, JointAttention)):
+        if isinstance(module, (ModulatedLayerNorm, RMSNorm, RotaryEmbedding, JointAttention,
+                               SingleStreamDiTBlock)):
             module.backend = backend
     return model
 
 
 __all__ = ["AdaLNModulation", "ModulatedLayerNorm", "RMSNorm", "RotaryEmbedding", "JointAttention",
-           "Mlp", "DiTBlock", "JointDiTBlock", "set_module_backend"]
+           "Mlp", "DiTBlock", "JointDiTBlock", "SingleStreamDiTBlock", "set_module_backend"]

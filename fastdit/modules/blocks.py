@@ -1,13 +1,16 @@
-"""Transformer blocks: DiT's AdaLN-Zero block and the MMDiT double-stream (joint) block."""
+"""Transformer blocks: DiT's AdaLN-Zero block, the MMDiT double-stream (joint) block and Flux's
+single-stream block."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from fastdit.modules.attention import JointAttention
-from fastdit.modules.norms import AdaLNModulation, ModulatedLayerNorm
+from fastdit.modules.norms import AdaLNModulation, ModulatedLayerNorm, RMSNorm
 from fastdit.ops.adaln import per_token
+from fastdit.ops.attention import _key_mask, joint_attention_qk
 
 
 class Mlp(nn.Module):
@@ -86,3 +89,89 @@ class JointDiTBlock(nn.Module):
         x, h = self.norm2.gated(x, attn_x, i_gate1, i_shift2, i_scale2)
         context, hc = self.txt_norm2.gated(context, attn_c, t_gate1, t_shift2, t_scale2)
         return x + per_token(i_gate2) * self.mlp(h), context + per_token(t_gate2) * self.txt_mlp(hc)
+
+
+class SingleStreamDiTBlock(nn.Module):
+    """Flux's single-stream block (BFL's ``SingleStreamBlock``): attention and MLP in parallel, from one
+    modulated input, with one set of weights for image and caption tokens alike.
+
+    ``h = LN(x)·(1 + scale) + shift``; ``linear1(h)`` gives q, k, v (features in (3, heads, head_dim) order,
+    as :class:`~fastdit.modules.JointAttention`) and the MLP input; q and k get RMSNorm (``q_norm``,
+    ``k_norm``) and RoPE; one joint attention over both streams; then
+    ``x + gate · linear2(cat[attn_out, GELU_tanh(mlp_in)])``. Modulation ``adaLN_modulation`` (3 chunks:
+    shift, scale, gate). Keys: ``linear1``, ``linear2``, ``q_norm.weight``, ``k_norm.weight`` (with
+    ``qk_norm``), ``adaLN_modulation.1``.
+
+    ``forward(x, context, c, txt_mask=None, img_freqs=None, txt_freqs=None) -> (x, context)``, as
+    :class:`JointDiTBlock`: x (B, N_img, dim), context (B, N_txt, dim), c (B, dim); txt_mask bool
+    (B, N_txt) or lengths (B,); img_freqs / txt_freqs: RoPE tables per stream ((N, head_dim/2, 2) or
+    (B, N, head_dim/2, 2)), None = no rotation (Flux's caption ids are 0: the identity, i.e. None).
+
+    Padded caption tokens take no part, whatever they hold (NaN included): their rows are selected to zero
+    before the LayerNorm and the projection (so every gradient stays finite), the attention ignores them
+    as keys, and their rows of the returned context are the input rows, unchanged (the gradient there
+    passes straight through). QK-norm, RoPE and the attention are one :func:`fastdit.ops.joint_attention_qk`
+    call with the module's ``backend`` (the fused Triton kernel under ``auto``/``triton``).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *, qk_norm: bool = True,
+                 rope_interleaved: bool = True, eps: float = 1e-6, backend: Optional[str] = None):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"SingleStreamDiTBlock: hidden_size {hidden_size} is not divisible by num_heads "
+                             f"{num_heads}")
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, hidden_size // num_heads
+        self.mlp_hidden = int(hidden_size * mlp_ratio)
+        self.qk_norm, self.rope_interleaved, self.eps, self.backend = qk_norm, rope_interleaved, eps, backend
+        self.norm = ModulatedLayerNorm(hidden_size, eps=1e-6, backend=backend)
+        self.linear1 = nn.Linear(hidden_size, 3 * hidden_size + self.mlp_hidden)
+        self.linear2 = nn.Linear(hidden_size + self.mlp_hidden, hidden_size)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps, backend)
+            self.k_norm = RMSNorm(self.head_dim, eps, backend)
+        self.act = nn.GELU(approximate="tanh")
+        self.adaLN_modulation = AdaLNModulation(hidden_size, 3)
+
+    def _project(self, h: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        B, N, D = h.shape
+        qkv, mlp = self.linear1(h).split([3 * D, self.mlp_hidden], dim=-1)
+        q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # (B, N, H, d) views
+        return q, k, v, mlp
+
+    def _output(self, x: Tensor, attn: Tensor, mlp: Tensor, gate: Tensor) -> Tensor:
+        return x + per_token(gate) * self.linear2(torch.cat([attn.reshape(x.shape), self.act(mlp)], dim=-1))
+
+    def forward(self, x: Tensor, context: Tensor, c: Tensor, txt_mask: Optional[Tensor] = None,
+                img_freqs: Optional[Tensor] = None, txt_freqs: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        D = self.hidden_size
+        if x.dim() != 3 or x.shape[-1] != D:
+            raise ValueError(f"SingleStreamDiTBlock: x must be (B, N, {D}), got {tuple(x.shape)}")
+        if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != D:
+            raise ValueError(f"SingleStreamDiTBlock: context must be (B, N_txt, {D}) with B = {x.shape[0]}, "
+                             f"got {tuple(context.shape)}")
+        shift, scale, gate = self.adaLN_modulation(c)
+        real = None
+        ctx = context
+        if txt_mask is not None:
+            real = _key_mask(txt_mask, context.shape[0], context.shape[1]).unsqueeze(-1)
+            ctx = torch.where(real, context, 0.0)  # before the LayerNorm: a NaN row would poison the gradients
+        q, k, v, mlp = self._project(self.norm(x, shift, scale))
+        hc = self.norm(ctx, shift, scale)
+        if real is not None:
+            hc = torch.where(real, hc, 0.0)  # padded rows project zeros, as in JointAttention
+        qt, kt, vt, mlp_t = self._project(hc)
+        qw = self.q_norm.weight if self.qk_norm else None
+        kw = self.k_norm.weight if self.qk_norm else None
+        o_img, o_txt = joint_attention_qk(q, k, v, qt, kt, vt, txt_mask, q_weight=qw, k_weight=kw,
+                                          txt_q_weight=qw, txt_k_weight=kw, img_freqs=img_freqs,
+                                          txt_freqs=txt_freqs, eps=self.eps, interleaved=self.rope_interleaved,
+                                          backend=self.backend)
+        x = self._output(x, o_img, mlp, gate)
+        new_context = self._output(ctx, o_txt, mlp_t, gate)
+        if real is not None:
+            new_context = torch.where(real, new_context, context)
+        return x, new_context
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, mlp_hidden={self.mlp_hidden}, "
+                f"qk_norm={self.qk_norm}, backend={self.backend!r}")
