@@ -123,6 +123,11 @@ def _model_config(config: TrainConfig):
     if h % p or w % p:
         raise ConfigError(f"data.latent_shape={list(config.data.latent_shape)}: H and W must be multiples of "
                           f"the model's patch size {p}")
+    extra_inputs = [f for f in ("pooled_dim", "guidance_embed") if getattr(model_config, f, None)]
+    if extra_inputs:  # the trainer's data gives caption tokens only, not a CLIP pooled vector or a guidance value
+        raise ConfigError(f"model.options.{extra_inputs[0]}: the trainer cannot feed an MMDiT that takes "
+                          f"{'a pooled vector' if extra_inputs[0] == 'pooled_dim' else 'a guidance value'}; "
+                          f"train with the pooled caption mean (pooled_dim unset) and no guidance embedding")
     if isinstance(model_config, DiTConfig):
         if config.data.num_classes < 1:
             raise ConfigError("a DiT is class-conditional: data.num_classes must be >= 1")

@@ -85,3 +85,12 @@ def test_changes_name_nested_options_and_the_new_defaults():
     assert TrainConfig.from_dict({}, ["logging.peak_tflops=500"]).logging.peak_tflops == 500.0
     with pytest.raises(ConfigError, match="logging.peak_tflops must be > 0"):
         TrainConfig.from_dict({}, ["logging.peak_tflops=0"])
+
+
+@pytest.mark.parametrize("option", [{"pooled_dim": 16}, {"guidance_embed": True}])
+def test_mmdit_inputs_the_trainer_cannot_feed_are_refused_at_build(option):
+    from fastdit.training.build import build_model
+    cfg = TrainConfig.from_dict({}, ["model.name=MMDiT-Tiny/2", "data.latent_shape=4,8,8",
+                                 *[f"model.options.{k}={str(v).lower()}" for k, v in option.items()]])
+    with pytest.raises(ConfigError, match=f"model.options.{next(iter(option))}: the trainer cannot feed"):
+        build_model(cfg)
