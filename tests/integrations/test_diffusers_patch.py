@@ -140,6 +140,7 @@ def test_patched_model_matches_stock(name, padded, backend, dtype, device):
         assert_close_to_reference(grads[key], grads_lp[key], grads64[key], name=f"d {key}", scale=scale)
 
 
+@pytest.mark.parametrize("name", list(MODELS))
 def test_patch_report_counts_what_it_patched(name):
     model = MODELS[name][0]()
     report = apply_fastdit(model, backend="reference")
