@@ -25,6 +25,7 @@ COMMANDS = {
     "train": ("fastdit.cli.train", "train a DiT / MMDiT from a config (fastdit train --help)"),
     "sample": ("fastdit.cli.sample", "sample grid (PNG + .npz) by class or prompt from a run "
                                      "(fastdit sample --help)"),
+    "scaling": ("fastdit.cli.scaling", "scaling-law study: DiT sizes x budgets, loss/FD vs compute (--help)"),
 }
 
 
