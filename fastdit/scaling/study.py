@@ -256,6 +256,7 @@ class Study:
             "notes": notes,
             "trained_now": list(trained),
             "seconds_this_invocation": seconds,
+            "environment": _environment(self.device),
             "files": {"report": os.path.abspath(os.path.join(c.out_dir, REPORT_FILE)),
                       "plot": os.path.abspath(os.path.join(c.out_dir, PLOT_FILE))},
         }
@@ -263,3 +264,31 @@ class Study:
         write_json_atomic(report["files"]["report"], report)
         return report
 
+
+def _environment(device) -> Dict[str, Any]:
+    """Where the study ran: versions, the device (GPU name or CPU model), date and the git commit of the
+    working tree when there is one (what a results folder records)."""
+    import datetime
+    import platform
+    import subprocess
+
+    import fastdit
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=10, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    if torch.device(device).type == "cuda":
+        hardware = torch.cuda.get_device_name(torch.device(device))
+    else:
+        hardware = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                hardware = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                                hardware)
+        except OSError:
+            pass
+        hardware = f"{hardware}, {os.cpu_count()} logical CPUs"
+    return {"device": str(device), "hardware": hardware, "torch": torch.__version__, "python": platform.python_version(),
+            "fastdit": fastdit.__version__, "git_commit": commit, "date": datetime.date.today().isoformat()}
