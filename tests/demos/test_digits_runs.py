@@ -6,11 +6,13 @@ import glob
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
 from fastdit.demos import digits
 from fastdit.demos.digits import DigitsDemoConfig, summary_lines
+from fastdit.metrics import frechet_distance
 from fastdit.training.build import build_model
 
 
@@ -87,7 +89,7 @@ def _check_run(out, ae_used_stats=None, task="rectified_flow"):
 
 
 def test_class_run_rebuilds_from_its_config(tmp_path, monkeypatch):
-    cfg = _tiny(tmp_path)
+    cfg = dataclasses.replace(_tiny(tmp_path), cfg_scale=2.0, guidance_interval=(0.0, 0.6))
     used = {}
     train_ae = digits.train_autoencoder
 
@@ -99,6 +101,15 @@ def test_class_run_rebuilds_from_its_config(tmp_path, monkeypatch):
     monkeypatch.setattr(digits, "train_autoencoder", spy)
     report = digits.run(cfg)
     assert report["quick"] is True and report["target_met"] is None
+    assert report["sampling"] == {"sampler": "euler", "steps": 2, "cfg_scale": 2.0, "guidance_interval": [0.0, 0.6]}
+    # the sample-quality figures are reported (without verdicts: a quick run's figures mean little)
+    assert report["quality_targets_met"] is None and report["fd_sample_count"] == 10
+    for key in ("fd_samples_vs_held_out", "fd_real_train_vs_held_out", "precision", "recall", "precision_real_train",
+                "recall_real_train", "feature_extractor_held_out_accuracy"):
+        assert np.isfinite(report[key]) and report[key] >= 0, key
+    assert sorted(report["recall_per_class"]) == [str(c) for c in range(10)]
+    assert json.loads(open(os.path.join(cfg.out_dir, "report.json")).read())["recall"] == report["recall"]
+    assert not any("target" in line for line in summary_lines(report)[2:5])
     config, family, data, _ = _check_run(cfg.out_dir, used["stats"])
     assert family == "DiT" and config.model.name == "DiT-S/2"
     assert config.model.options["class_dropout_prob"] == cfg.cond_dropout
@@ -176,3 +187,71 @@ def test_summary_of_a_full_run_says_whether_the_target_was_met(got, verdict):
     lines = summary_lines(_report(False, got))
     assert verdict in lines[0] and "quick" not in lines[0]
     assert len(lines) == 3 and "held-out real digits 3.50" in lines[1]
+
+
+def test_feature_metrics_on_synthetic_features():
+    """The reporting function: samples drawn like the real digits score like the real yardstick; samples that
+    collapse onto half the classes keep their precision but lose recall, in exactly the classes they miss."""
+    rng = np.random.default_rng(np.random.randint(2**31))
+    centres = 12.0 * np.eye(10)  # classes far apart (17 between centres, noise radius about 3)
+
+    def draw(labels):
+        return centres[labels] + rng.standard_normal((len(labels), 10))
+
+    held_labels = np.repeat(np.arange(10), 31)
+    held, reference = draw(held_labels), draw(np.repeat(np.arange(10), 17))
+    good = digits.feature_metrics(draw(np.repeat(np.arange(10), 17)), reference, held, held_labels)
+    assert good["fd_sample_count"] == 170 and good["precision_recall_k"] == 3
+    assert 0.5 < good["fd_ratio"] < 2 and good["recall"] > 0.7 and good["precision"] > 0.7
+    assert good["fd_real_train_vs_held_out"] == pytest.approx(
+        frechet_distance(reference, held), rel=1e-12)
+    assert sorted(good["recall_per_class"]) == [str(c) for c in range(10)]
+
+    collapsed = digits.feature_metrics(draw(np.repeat(np.arange(5), 34)), reference, held, held_labels)
+    assert collapsed["fd_ratio"] > 5 and collapsed["precision"] > 0.7 and collapsed["recall"] <= 0.5
+    assert all(collapsed["recall_per_class"][str(c)] == 0 for c in range(5, 10))
+    assert collapsed["recall"] == pytest.approx(np.mean(list(collapsed["recall_per_class"].values())))
+    assert collapsed["fd_real_train_vs_held_out"] == good["fd_real_train_vs_held_out"]
+
+
+def test_real_reference_matches_the_sample_class_counts():
+    labels = torch.from_numpy(np.repeat(np.arange(10), 40))
+    wanted = torch.arange(10).repeat_interleave(7)
+    idx = digits.real_reference_indices(labels, wanted, seed=3)
+    assert len(set(idx.tolist())) == 70 and np.array_equal(np.bincount(labels[idx].numpy()), np.full(10, 7))
+    assert np.array_equal(idx, digits.real_reference_indices(labels, wanted, seed=3))
+    with pytest.raises(ValueError, match="only 40 real training digits"):
+        digits.real_reference_indices(labels, torch.zeros(41, dtype=torch.long), seed=0)
+
+
+def _quality(report, quick, fd_ratio=1.4, recall=0.85):
+    report = dict(report, quick=quick, fd_samples_vs_held_out=14.0 * fd_ratio / 1.4, fd_real_train_vs_held_out=10.0,
+                  fd_ratio=fd_ratio, fd_sample_count=200, precision=0.9, recall=recall, precision_real_train=0.88,
+                  recall_real_train=0.9, precision_recall_k=3, target_fd_ratio=2.0, target_recall=0.7,
+                  recall_per_class={str(c): 0.8 for c in range(10)})
+    report["quality_targets_met"] = None if quick else {"fd": fd_ratio <= 2.0, "recall": recall >= 0.7}
+    return report
+
+
+def test_summary_reports_fd_precision_recall():
+    lines = summary_lines(_quality(_report(False, 0.97), quick=False))
+    assert len(lines) == 6
+    assert "200 samples 14.00, as many real training digits 10.00 (ratio 1.40) (target <= 2x: met)" in lines[2]
+    assert "precision 0.90, recall 0.85 (target >= 0.7: met)" in lines[3]
+    assert lines[4].startswith("recall per class: 0:0.80 1:0.80")
+    missed = summary_lines(_quality(_report(False, 0.97), quick=False, fd_ratio=2.5, recall=0.6))
+    assert "(target <= 2x: MISSED)" in missed[2] and "(target >= 0.7: MISSED)" in missed[3]
+    quick = summary_lines(_quality(_report(True, 0.2), quick=True, fd_ratio=9.0, recall=0.1))
+    assert "target" not in quick[2] and "target" not in quick[3]
+
+
+def test_cli_passes_the_guidance_interval_and_the_default_scale(tmp_path, monkeypatch, capsys):
+    from fastdit.cli import demo as demo_cli
+
+    seen = []
+    monkeypatch.setattr(digits, "run", lambda cfg: seen.append(cfg) or _quality(_report(False, 1.0), quick=False))
+    assert demo_cli.main(["--out", str(tmp_path), "--guidance-interval", "0,0.6"]) == 0
+    assert seen[0].guidance_interval == (0.0, 0.6) and seen[0].cfg_scale == DigitsDemoConfig().cfg_scale == 1.0
+    assert "recall 0.85 (target >= 0.7: met)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="guidance-interval needs 0 <= LO <= HI <= 1"):
+        demo_cli.main(["--out", str(tmp_path), "--guidance-interval", "0.7,0.2"])
