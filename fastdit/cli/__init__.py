@@ -4,9 +4,11 @@
     fastdit demo     the main job: latent diffusion of scikit-learn's handwritten digits, with a report
     fastdit train    train a DiT / MMDiT from a TrainConfig (works under torchrun; fastdit train --help)
     fastdit sample   sample grid (PNG + .npz) by class or by caption prompt from a run (fastdit sample --help)
+    fastdit scaling  scaling-law study: DiT sizes x training budgets, loss and FD against compute, fits
 
 Each command is a module of this package with ``parser(prog)`` and ``main(argv, prog)``; the library code
-they call lives in :mod:`fastdit.training` (``build``, ``sampling``, the ``Trainer``) and :mod:`fastdit.demos`.
+they call lives in :mod:`fastdit.training` (``build``, ``sampling``, the ``Trainer``), :mod:`fastdit.demos`
+and :mod:`fastdit.scaling`.
 """
 from __future__ import annotations
 
