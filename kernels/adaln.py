@@ -257,7 +257,8 @@ def row_pieces(D: int, split: Optional[bool] = None):
 
 def _fwd_config(D: int, gated: bool, block_m: Optional[int], num_warps: Optional[int], steps: Optional[int],
                 split: Optional[bool] = None):
-    """Defaults from benchmarks/tune_kernels.py on an H100 (2026-11-22, results/2026-11-22_h100_tune_adaln_fwd.json).
+    """Defaults from benchmarks/tune_kernels.py on an H100 (2026-11-22,
+    benchmarks/results/archive/2026-11-22_h100_kernels_tuning/2026-11-22_h100_tune_adaln_fwd.json).
     The row is held as two power-of-two tiles when that masks fewer lanes (:func:`row_pieces`; won at
     every tuned shape, by 4-30%). For D ≥ 1024 one row per program, with about 24 columns per thread:
     2 warps up to 2048 held columns (D = 1152, 1536), 4 up to 4096 (3072), then 8 and 16. Several rows

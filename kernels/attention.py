@@ -540,8 +540,8 @@ def _config(d: int, dtype: torch.dtype, device: torch.device, block_m: Optional[
             num_warps: Optional[int], num_stages: Optional[int], kernel: str):
     """Tiles and launch options of one kernel ("fwd", "dq" or "dkdv"): (BLOCK_M, BLOCK_N, warps, stages);
     BLOCK_M counts queries and BLOCK_N keys in all three. GPU defaults for 16-bit inputs from
-    benchmarks/tune_attention.py on an H100 (2026-11-22, results/2026-11-22_h100_tune_attention_headdims.json
-    and …_tune_attention_bwd_split_dq.json, …_dkdv.json):
+    benchmarks/tune_attention.py on an H100 (2026-11-22; in benchmarks/results/archive/2026-11-22_h100_attention_tuning/:
+    2026-11-22_h100_tune_attention_headdims.json and …_tune_attention_bwd_split_dq.json, …_dkdv.json):
     - forward 128 × 128 with 8 warps and 3 stages at head dim 128 (flux1024, long), 128 × 64 below it
       (sd3_1024 and dit512 at d = 64: +14% and +21% over 128 × 128), with 4 warps at d = 72 (dit-xl256:
       +30% over 8);
@@ -549,7 +549,8 @@ def _config(d: int, dtype: torch.dtype, device: torch.device, block_m: Optional[
       64 × 64 with 4 warps, which was 5–6% faster there at (64, 16, 256, d);
     - dk/dv: 128 keys held against 64 streamed queries with 8 warps at d = 128, else 64 × 64 with 4 warps;
       3 stages.
-    Against one 64 × 64 configuration for both backward kernels (results/2026-11-22_h100_attention_bwd_split_ab.json,
+    Against one 64 × 64 configuration for both backward kernels
+    (benchmarks/results/archive/2026-11-22_h100_attention_probes/2026-11-22_h100_attention_bwd_split_ab.json,
     same gradients bit for bit): backward +6.7% at flux1024, +3.0% sd3_1024, +2.8% dit-xl256, +3.8% dit512,
     +6.4% long.
     fp32 inputs (exact "ieee" dots, no tensor cores; a correctness path) take small tiles: at the 16-bit
