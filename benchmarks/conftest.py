@@ -1,6 +1,6 @@
 """pytest-benchmark GPU suite. Skips cleanly without CUDA; not part of the default test run.
 
-    pytest benchmarks --fastdit-json benchmarks/results/<name>.json --fastdit-md benchmarks/results/<name>.md
+    pytest benchmarks --fastdit-json benchmarks/results/<date>_<gpu>_<what>/bench.json --fastdit-md benchmarks/results/<date>_<gpu>_<what>/bench.md
 
 The ``gpu_bench`` fixture times a callable with do_bench (the recorded figure) and hands the same
 callable to pytest-benchmark with a CUDA-synchronising clock (its own table is a cross-check).

@@ -1,6 +1,6 @@
 """Summary tables of the memory-bound benchmarks (AdaLN, RoPE, QK-norm + RoPE) from result JSON files.
 
-    python benchmarks/summarize_memory_bound.py results/X_adaln.json results/X_rope.json > summary.md
+    python benchmarks/summarize_memory_bound.py results/<run>/adaln.json results/<run>/rope.json > results/<run>/summary.md
 
 Where several files measured the same op and shape, the first file given wins.
 
