@@ -259,6 +259,8 @@ def denoiser_config(cfg: DigitsDemoConfig, latent_shape: Tuple[int, int, int], d
     config.model.options = options
     config.task.options["sampling"] = {"sampler": cfg.sampler(), "steps": cfg.sampling_steps(),
                                        "cfg_scale": cfg.cfg_scale, "per_class": cfg.samples_per_class}
+    if cfg.guidance_interval is not None:  # so that `fastdit sample` replays it
+        config.task.options["sampling"]["guidance_interval"] = list(cfg.guidance_interval)
     config.logging.sample_rows = len(CLASS_WORDS)  # grids: one row per digit (the trainer draws none itself)
     return config
 

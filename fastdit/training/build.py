@@ -69,7 +69,7 @@ _COMMON_DATA_OPTIONS = ("display_scale", "autoencoder", "vae", "vae_subfolder", 
                         "caption_encoder")
 _DATA_OPTIONS = {"synthetic": _COMMON_DATA_OPTIONS + ("caption_len",),
                  "memory": _COMMON_DATA_OPTIONS + ("shuffle",)}
-_SAMPLING_KEYS = ("sampler", "steps", "cfg_scale", "per_class")
+_SAMPLING_KEYS = ("sampler", "steps", "cfg_scale", "per_class", "guidance_interval")
 _TASK_KEYS = ("caption_dropout", "sampling")
 
 
@@ -215,7 +215,8 @@ def _options_object(given: Any, where: str, keys: Sequence[str]) -> Dict[str, An
 def sampling_options(config: TrainConfig, objective) -> Dict[str, Any]:
     """The training grid's sampling settings (``task.options.sampling`` over the defaults)."""
     given = _options_object(config.task.options.get("sampling") or {}, "task.options.sampling", _SAMPLING_KEYS)
-    out = {"sampler": default_sampler(objective), "steps": 25, "cfg_scale": 4.0, "per_class": 4, **given}
+    out = {"sampler": default_sampler(objective), "steps": 25, "cfg_scale": 4.0, "per_class": 4,
+           "guidance_interval": None, **given}
     try:
         check_sampler(objective, out["sampler"])
     except ValueError as err:
@@ -224,6 +225,14 @@ def sampling_options(config: TrainConfig, objective) -> Dict[str, Any]:
             and out["per_class"] >= 1 and isinstance(out["cfg_scale"], (int, float)) and out["cfg_scale"] >= 0):
         raise ConfigError(f"task.options.sampling: steps and per_class must be positive ints and cfg_scale a "
                           f"number >= 0; got {given}")
+    interval = out["guidance_interval"]
+    if interval is not None:
+        if not (isinstance(interval, (list, tuple)) and len(interval) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval)
+                and 0 <= interval[0] <= interval[1] <= 1):
+            raise ConfigError(f"task.options.sampling.guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1 "
+                              f"(normalised times, 1 = noise), got {interval!r}")
+        out["guidance_interval"] = (float(interval[0]), float(interval[1]))
     return out
 
 
@@ -524,7 +533,8 @@ def make_sample_fn(config: TrainConfig, objective, conditioner: Optional[ClassCo
         cfg = opts["cfg_scale"] if uncond is not None else 1.0
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             x = sample(model, shape, cond, uncond, cfg, opts["sampler"], opts["steps"], objective=objective,
-                       seed=config.run.seed, device=device, progress=False)
+                       guidance_interval=opts["guidance_interval"], seed=config.run.seed, device=device,
+                       progress=False)
         if latent_space is not None:
             latent_space.to(device)
         return latents_to_images(x, latent_space, scale)

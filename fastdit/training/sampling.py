@@ -121,10 +121,11 @@ DEFAULTS = {"steps": 50, "cfg_scale": 4.0, "per_class": 4}
 
 def recorded_settings(config: TrainConfig) -> Dict[str, Any]:
     """The sampling settings the run recorded (``task.options.sampling``: sampler, steps, cfg_scale,
-    per_class), only those it gives; they are the defaults of :func:`sample_checkpoint` for this run."""
+    per_class, guidance_interval), only those it gives; they are the defaults of :func:`sample_checkpoint`
+    for this run."""
     given = config.task.options.get("sampling") or {}
-    return {k: given[k] for k in ("sampler", "steps", "cfg_scale", "per_class") if k in given} \
-        if isinstance(given, dict) else {}
+    return {k: given[k] for k in ("sampler", "steps", "cfg_scale", "per_class", "guidance_interval")
+            if k in given} if isinstance(given, dict) else {}
 
 
 def sample_checkpoint(path: str, *, classes: Optional[Sequence[int]] = None,
@@ -165,6 +166,8 @@ def sample_checkpoint(path: str, *, classes: Optional[Sequence[int]] = None,
     cfg_scale = recorded["cfg_scale"] if cfg_scale is None else cfg_scale
     num_per_class = recorded["per_class"] if num_per_class is None else num_per_class
     sampler = sampler or recorded.get("sampler")
+    if guidance_interval is None and recorded.get("guidance_interval") is not None:
+        guidance_interval = tuple(float(v) for v in recorded["guidance_interval"])
     for name, value in (("steps", steps), ("num_per_class", num_per_class), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

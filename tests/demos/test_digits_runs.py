@@ -114,6 +114,10 @@ def test_class_run_rebuilds_from_its_config(tmp_path, monkeypatch):
     assert family == "DiT" and config.model.name == "DiT-S/2"
     assert config.model.options["class_dropout_prob"] == cfg.cond_dropout
     assert "caption_encoder" not in config.data.options
+    # the guidance interval is recorded, so `fastdit sample` replays it
+    assert config.task.options["sampling"]["guidance_interval"] == [0.0, 0.6]
+    from fastdit.training.sampling import recorded_settings
+    assert recorded_settings(config)["guidance_interval"] == [0.0, 0.6]
 
 
 def test_ddpm_class_run_rebuilds_from_its_config(tmp_path):

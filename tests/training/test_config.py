@@ -94,3 +94,16 @@ def test_mmdit_inputs_the_trainer_cannot_feed_are_refused_at_build(option):
                                  *[f"model.options.{k}={str(v).lower()}" for k, v in option.items()]])
     with pytest.raises(ConfigError, match=f"model.options.{next(iter(option))}: the trainer cannot feed"):
         build_model(cfg)
+
+
+@pytest.mark.parametrize("interval,ok", [([0.0, 0.6], True), ([0.2, 0.2], True), ([0.7, 0.3], False),
+                                         ([0, 1.5], False), ("0,1", False), ([0.1], False)])
+def test_sampling_guidance_interval_is_validated(interval, ok):
+    from fastdit.diffusion import RectifiedFlow
+    from fastdit.training.build import sampling_options
+    cfg = TrainConfig.from_dict({"task": {"options": {"sampling": {"guidance_interval": interval}}}})
+    if ok:
+        assert sampling_options(cfg, RectifiedFlow())["guidance_interval"] == tuple(float(v) for v in interval)
+    else:
+        with pytest.raises(ConfigError, match="guidance_interval must be"):
+            sampling_options(cfg, RectifiedFlow())
