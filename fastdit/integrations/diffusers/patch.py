@@ -154,6 +154,25 @@ def _heads(t: Tensor, head_dim: int) -> Tensor:
     return t.unflatten(-1, (-1, head_dim))
 
 
+def _projections(attn, hidden_states: Tensor, context: Optional[Tensor], head_dim: int):
+    """((q, k, v), (q_txt, k_txt, v_txt)) as (B, N, H, d) views, through the attention module's own linears
+    (fused by ``fuse_qkv_projections`` or not, LoRA-wrapped or not); the text triple is Nones without
+    ``context``."""
+    fused = getattr(attn, "fused_projections", False)
+    if fused:
+        q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    else:
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    txt = (None, None, None)
+    if context is not None:
+        if fused and hasattr(attn, "to_added_qkv"):
+            txt = attn.to_added_qkv(context).chunk(3, dim=-1)
+        else:
+            txt = attn.add_q_proj(context), attn.add_k_proj(context), attn.add_v_proj(context)
+        txt = tuple(_heads(t, head_dim) for t in txt)
+    return (_heads(q, head_dim), _heads(k, head_dim), _heads(v, head_dim)), txt
+
+
 # ------------------------------------------------------------------------------------- processors
 
 class _FastProcessor:
@@ -197,20 +216,7 @@ class FluxAttnProcessor(_FastProcessor):
         if not (ok_q and ok_k and ok_tq and ok_tk and same_eps and ok_mask):
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
-        if getattr(attn, "fused_projections", False):
-            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        q, k, v = _heads(q, d), _heads(k, d), _heads(v, d)
-        qt = kt = vt = None
-        if joint:
-            if getattr(attn, "fused_projections", False) and hasattr(attn, "to_added_qkv"):
-                qt, kt, vt = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
-            else:
-                qt = attn.add_q_proj(encoder_hidden_states)
-                kt = attn.add_k_proj(encoder_hidden_states)
-                vt = attn.add_v_proj(encoder_hidden_states)
-            qt, kt, vt = _heads(qt, d), _heads(kt, d), _heads(vt, d)
+        (q, k, v), (qt, kt, vt) = _projections(attn, hidden_states, encoder_hidden_states if joint else None, d)
         split = not joint and txt_mask is not None  # a padded caption inside a single stream: two streams
         if split:
             (qt, q), (kt, k), (vt, v) = (t.split([n_txt, t.shape[1] - n_txt], dim=1) for t in (q, k, v))
@@ -254,20 +260,7 @@ class JointAttnProcessor(_FastProcessor):
         if not ok:
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
 
-        if getattr(attn, "fused_projections", False):
-            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        q, k, v = _heads(q, d), _heads(k, d), _heads(v, d)
-        qt = kt = vt = None
-        if joint:
-            if getattr(attn, "fused_projections", False) and hasattr(attn, "to_added_qkv"):
-                qt, kt, vt = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
-            else:
-                qt = attn.add_q_proj(encoder_hidden_states)
-                kt = attn.add_k_proj(encoder_hidden_states)
-                vt = attn.add_v_proj(encoder_hidden_states)
-            qt, kt, vt = _heads(qt, d), _heads(kt, d), _heads(vt, d)
+        (q, k, v), (qt, kt, vt) = _projections(attn, hidden_states, encoder_hidden_states if joint else None, d)
         o_img, o_txt = joint_attention_qk(q, k, v, qt, kt, vt, None, q_weight=qw, k_weight=kw,
                                           txt_q_weight=tqw, txt_k_weight=tkw, eps=eps, backend=self.backend)
         out = attn.to_out[1](attn.to_out[0](o_img.flatten(2).to(q.dtype)))
@@ -296,12 +289,8 @@ class SelfAttnProcessor(_FastProcessor):
             simple = ok_q and ok_k and same_eps and attn.inner_dim == attn.inner_kv_dim
         if not simple:
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        if getattr(attn, "fused_projections", False):
-            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        o, _ = joint_attention_qk(_heads(q, d), _heads(k, d), _heads(v, d), q_weight=qw, k_weight=kw, eps=eps,
-                                  backend=self.backend)
+        (q, k, v), _ = _projections(attn, hidden_states, None, d)
+        o, _ = joint_attention_qk(q, k, v, q_weight=qw, k_weight=kw, eps=eps, backend=self.backend)
         return attn.to_out[1](attn.to_out[0](o.flatten(2).to(q.dtype)))
 
 
