@@ -506,6 +506,9 @@ class PatchReport:
     patched: Dict[str, int] = dataclasses.field(default_factory=dict)
     left_stock: Dict[str, str] = dataclasses.field(default_factory=dict)
 
+    def count(self, stock_name: str) -> None:
+        self.patched[stock_name] = self.patched.get(stock_name, 0) + 1
+
     def __str__(self) -> str:
         done = ", ".join(f"{n} × {name}" for name, n in sorted(self.patched.items())) or "nothing"
         text = f"fastdit patched {self.model} (backend={self.backend!r}): {done}"
@@ -523,12 +526,15 @@ def is_patched(model: nn.Module) -> bool:
                for m in model.modules())
 
 
-def _looks_relevant(module: nn.Module) -> bool:
-    """Modules whose staying stock a user should hear about: diffusers' norms with modulation, transformer
-    blocks and attention modules."""
+def _unknown_reason(module: nn.Module) -> Optional[str]:
+    """For a module fastdit has no version of: why a user should hear that it stayed stock (transformer
+    blocks and AdaLN norms), or None (everything else: linears, activations, embeddings, ...)."""
     name = type(module).__name__
-    return (name.startswith(("AdaLayerNorm", "SD35AdaLayerNorm")) or name.endswith("TransformerBlock")
-            or hasattr(module, "processor"))
+    if name.endswith("TransformerBlock"):
+        return "no fastdit version of this block"
+    if name.startswith(("AdaLayerNorm", "SD35AdaLayerNorm")):
+        return "no fastdit version of this norm"
+    return None
 
 
 def apply_fastdit(model: nn.Module, backend: Optional[str] = "auto", *, warn: bool = True) -> PatchReport:
@@ -549,7 +555,7 @@ def apply_fastdit(model: nn.Module, backend: Optional[str] = "auto", *, warn: bo
         where = f"{path or '<model>'} ({type(module).__name__})"
         if isinstance(module, _Patched):
             setattr(module, _BACKEND_ATTR, backend)
-            report.patched[module._fastdit_stock.__name__] = report.patched.get(module._fastdit_stock.__name__, 0) + 1
+            report.count(module._fastdit_stock.__name__)
         elif type(module) in _MODULES:
             fast_class, why_not = _MODULES[type(module)]
             reason = why_not(module)
@@ -558,25 +564,20 @@ def apply_fastdit(model: nn.Module, backend: Optional[str] = "auto", *, warn: bo
                 module.__class__ = fast_class
                 module._fastdit_stock = stock
                 setattr(module, _BACKEND_ATTR, backend)
-                report.patched[stock.__name__] = report.patched.get(stock.__name__, 0) + 1
+                report.count(stock.__name__)
             else:
                 report.left_stock[where] = reason
-        elif _looks_relevant(module) and not hasattr(module, "processor"):
-            if type(module).__name__.endswith("TransformerBlock"):
-                report.left_stock[where] = "no fastdit version of this block"
-            elif type(module).__name__.startswith(("AdaLayerNorm", "SD35AdaLayerNorm")):
-                report.left_stock[where] = "no fastdit version of this norm"
+        elif _unknown_reason(module) is not None:
+            report.left_stock[where] = _unknown_reason(module)
         processor = getattr(module, "processor", None)
         if processor is None or not hasattr(module, "set_processor"):
             continue
         if isinstance(processor, _FastProcessor):
             processor.backend = backend
-            key = type(processor.stock).__name__
-            report.patched[key] = report.patched.get(key, 0) + 1
+            report.count(type(processor.stock).__name__)
         elif type(processor) in _PROCESSORS:
             module.set_processor(_PROCESSORS[type(processor)](processor, backend))
-            key = type(processor).__name__
-            report.patched[key] = report.patched.get(key, 0) + 1
+            report.count(type(processor).__name__)
         else:
             report.left_stock[f"{path} processor"] = (f"{type(processor).__name__} has no fastdit version "
                                                       f"(IP-adapter and other custom processors stay stock)")
