@@ -27,7 +27,9 @@ import argparse
 import gc
 import json
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -145,7 +147,7 @@ def variant(name: str, model_name: str, args, device, out_dir: Path, config: Dic
             model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                                          init_lora_weights="gaussian"))
         if patched:
-            report = apply_fastdit(model, backend="auto", warn=False)
+            report = apply_fastdit(model, backend=args.backend, warn=False)
             row["patched"] = report.patched
             row["left_stock"] = len(report.left_stock)
             inputs, _ = batch()  # one eager forward: auto measures its attention paths at these shapes
@@ -165,12 +167,40 @@ def variant(name: str, model_name: str, args, device, out_dir: Path, config: Dic
                    params=sum(p.numel() for p in model.parameters()))
     except Exception as err:  # one failing variant must not lose the others
         row["error"] = f"{type(err).__name__}: {str(err)[:400]}"
+        import traceback
+        traceback.print_exc()
     finally:
         model = batch = None
         gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
         torch._dynamo.reset()
+        if device.type == "cuda" and "error" not in row:  # after a CUDA error the context is unusable
+            torch.cuda.empty_cache()
+    print(_line(model_name, row), flush=True)
+    return row
+
+
+def isolated_variant(name: str, model_name: str, args, config: Dict) -> Dict:
+    """:func:`variant` in a child process: a CUDA error (which poisons the process's context) or a hang in one
+    variant loses that row only, and no variant inherits another's compiled code or allocator state."""
+    with tempfile.TemporaryDirectory() as tmp:
+        row_file = Path(tmp) / "row.json"
+        cmd = [sys.executable, __file__, "--models", model_name, "--variants", name, "--row-out", str(row_file),
+               "--double", str(args.double), "--single", str(args.single), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--backend", args.backend] + (["--profile"] if args.profile else []) + (
+               ["--out", args.out] if args.out else []) + (["--tiny"] if args.tiny else [])
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout)
+            tail = (proc.stdout + proc.stderr)[-1500:]
+        except subprocess.TimeoutExpired as err:
+            tail, proc = f"timed out after {err.timeout:.0f} s", None
+        if proc is not None and proc.returncode == 0 and row_file.exists():
+            result = json.loads(row_file.read_text())
+            config.update(result["config"])
+            row = result["row"]
+        else:
+            row = {"variant": name, "error": f"child process failed ({'rc ' + str(proc.returncode) if proc else 'timeout'})"
+                                             f": {tail.strip().splitlines()[-1] if tail.strip() else ''}",
+                   "log_tail": tail}
     print(_line(model_name, row), flush=True)
     return row
 
@@ -228,6 +258,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", action="store_true", help="GPU time by kernel per variant")
     parser.add_argument("--tiny", action="store_true", help="tiny models on whatever device: a smoke run")
+    parser.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"],
+                        help="apply_fastdit's backend for the fastdit variants")
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                        help="each variant in its own process (default: on a GPU)")
+    parser.add_argument("--variant-timeout", type=float, default=900, help="seconds per isolated variant")
+    parser.add_argument("--row-out", default=None, help=argparse.SUPPRESS)  # a child's result file
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.tiny:
@@ -236,15 +272,22 @@ def main(argv=None) -> int:
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
     import diffusers
-    record: Dict = {"benchmark": "diffusers_step", "tiny": args.tiny, "steps": args.steps, "warmup": args.warmup,
+    record: Dict = {"benchmark": "diffusers_step", "tiny": args.tiny, "steps": args.steps, "warmup": args.warmup, "backend": args.backend,
                     "diffusers": diffusers.__version__, "models": {}}
     if device.type == "cuda":
         from harness import environment
         record = {**environment(), **record}
         record["timer"] = "wall time per step, device synchronised at both ends; median of the timed steps"
+    if args.row_out:  # a child of isolated_variant: one model, one variant
+        config = {}
+        row = variant(args.variants[0], args.models[0], args, device, out_dir, config)
+        Path(args.row_out).write_text(json.dumps({"row": row, "config": config}))
+        return 0
+    isolate = device.type == "cuda" if args.isolate is None else args.isolate
     for model_name in args.models:
         config: Dict = {}
-        rows = [variant(v, model_name, args, device, out_dir, config) for v in args.variants]
+        rows = [isolated_variant(v, model_name, args, config) if isolate else
+                variant(v, model_name, args, device, out_dir, config) for v in args.variants]
         speedups(rows)
         record["models"][model_name] = {"config": config, "results": rows}
         if out_dir:  # written after each model: a later failure keeps what ran
