@@ -81,7 +81,8 @@ class Prefetcher:
                     return
                 state = self.dataset.state_dict()
                 if self.pin_memory:
-                    batch = {k: (v.pin_memory() if torch.is_tensor(v) else v) for k, v in batch.items()}
+                    batch = {k: (v.pin_memory() if torch.is_tensor(v) and v.device.type == "cpu" else v)
+                             for k, v in batch.items()}  # (already on the GPU: encoded there)
                 if not self._put((batch, state)):
                     return
         except BaseException as err:  # handed to the consumer, raised there
