@@ -57,6 +57,7 @@ def test_unit_range_endpoints_and_bad_input():
 @pytest.mark.parametrize("caption_length", [None, 6])
 def test_latents_and_captions_match_direct_encoding(caption_length):
     ae = ConvAutoencoder(image_channels=3, latent_channels=4, channels=(8,)).eval()
+    ae.latent_stats_fitted.fill_(True)  # unit stats: the raw latents (no "not normalised" warning)
     inner = ImageBatches()
     enc = FakeCaptionEncoder()
     data = EncodedImages(inner, ae, enc, caption_length=caption_length)
