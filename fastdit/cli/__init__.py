@@ -5,6 +5,7 @@
     fastdit train    train a DiT / MMDiT from a TrainConfig (works under torchrun; fastdit train --help)
     fastdit sample   sample grid (PNG + .npz) by class or by caption prompt from a run (fastdit sample --help)
     fastdit scaling  scaling-law study: DiT sizes x training budgets, loss and FD against compute, fits
+    fastdit prepare  encode images once into latent shards that training streams (fastdit prepare --help)
 
 Each command is a module of this package with ``parser(prog)`` and ``main(argv, prog)``; the library code
 they call lives in :mod:`fastdit.training` (``build``, ``sampling``, the ``Trainer``), :mod:`fastdit.demos`
@@ -28,6 +29,7 @@ COMMANDS = {
     "sample": ("fastdit.cli.sample", "sample grid (PNG + .npz) by class or prompt from a run "
                                      "(fastdit sample --help)"),
     "scaling": ("fastdit.cli.scaling", "scaling-law study: DiT sizes x budgets, loss/FD vs compute (--help)"),
+    "prepare": ("fastdit.cli.prepare", "encode images (tar shards or a folder) into latent shards (--help)"),
 }
 
 
