@@ -90,14 +90,20 @@ class TensorDictDataset(StatefulDataset):
 
 
 def load_tensor_file(path: str) -> Dict[str, torch.Tensor]:
-    """The tensors of a ``.pt`` (``torch.load(weights_only=True)``: a dict of tensors) or ``.npz`` file (no
-    pickles). ``ValueError`` naming the file for a missing file, another extension, or other contents."""
+    """The tensors of a ``.pt`` (``torch.load(weights_only=True, mmap=True)``: a dict of tensors, memory-mapped)
+    or ``.npz`` file (no pickles; read into memory: a zip cannot be mapped). ``ValueError`` naming the file
+    for a missing file, another extension, or other contents."""
     if not os.path.isfile(path):
         raise ValueError(f"data.path: no file at {path!r}")
     ext = os.path.splitext(path)[1].lower()
     if ext in (".pt", ".pth"):
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            try:  # memory-mapped: pages are read as batches touch them, and every rank shares the page cache
+                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):  # (files in torch's legacy format cannot be mapped: read them)
+                    raise
+                data = torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
             raise ValueError(f"data.path: {path} is not a tensor file or holds an unsafe pickle "
                              f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None

@@ -60,15 +60,17 @@ from torch import nn
 
 from fastdit.data import (LabelCaptionLatents, StatefulDataset, SyntheticLatents, TensorDictDataset, derive_seed,
                           load_tensor_file)
+from fastdit.training.build_data import STREAMING_KINDS, STREAMING_OPTIONS, StreamingData, build_streaming_dataset
 from fastdit.training.config import ConfigError, TrainConfig
 
 TASKS = ("rectified_flow", "ddpm")
-DATA_KINDS = ("synthetic", "memory")
+DATA_KINDS = ("synthetic", "memory") + STREAMING_KINDS
 SAMPLERS_FOR = {"rectified_flow": ("euler", "heun"), "ddpm": ("ddim", "ddpm")}  # first = default
 _COMMON_DATA_OPTIONS = ("display_scale", "autoencoder", "vae", "vae_subfolder", "vae_allow_download",
                         "caption_encoder")
 _DATA_OPTIONS = {"synthetic": _COMMON_DATA_OPTIONS + ("caption_len",),
-                 "memory": _COMMON_DATA_OPTIONS + ("shuffle",)}
+                 "memory": _COMMON_DATA_OPTIONS + ("shuffle",),
+                 **{kind: _COMMON_DATA_OPTIONS + opts for kind, opts in STREAMING_OPTIONS.items()}}
 _SAMPLING_KEYS = ("sampler", "steps", "cfg_scale", "per_class", "guidance_interval")
 _TASK_KEYS = ("caption_dropout", "sampling")
 
@@ -396,7 +398,8 @@ def build_latent_space(config: TrainConfig) -> Optional[nn.Module]:
             raise ConfigError(f"data.options.vae: {err}") from None
     if space is not None:
         space.eval().requires_grad_(False)
-        if space.latent_channels != config.data.latent_shape[0]:
+        derived = config.data.kind in STREAMING_KINDS and config.data.kind != "latents"  # shape from the space
+        if not derived and space.latent_channels != config.data.latent_shape[0]:
             raise ConfigError(f"the latent space has {space.latent_channels} channels but data.latent_shape is "
                               f"{list(config.data.latent_shape)}")
     return space
@@ -466,9 +469,19 @@ def _memory_tensors(config: TrainConfig, family: str) -> Dict[str, torch.Tensor]
 
 
 def build_dataset(config: TrainConfig, *, rank: int = 0, world_size: int = 1,
-                  captions: Optional[torch.Tensor] = None) -> StatefulDataset:
-    """This rank's dataset of ``data.kind`` (see the module docstring). For ``memory`` it also sets
-    ``config.data.latent_shape`` from the file, so the stored config rebuilds the model without it."""
+                  captions: Optional[torch.Tensor] = None, latent_space: Optional[nn.Module] = None
+                  ) -> StatefulDataset:
+    """This rank's dataset of ``data.kind`` (see the module docstring and, for the streaming kinds,
+    :mod:`fastdit.training.build_data`). For ``memory`` and the streaming kinds it also sets
+    ``config.data.latent_shape`` from the data, so the stored config rebuilds the model without it.
+    ``latent_space``: the run's (the image kinds encode through it; built here when not given)."""
+    return _build_data(config, rank=rank, world_size=world_size, captions=captions,
+                       latent_space=latent_space).dataset
+
+
+def _build_data(config: TrainConfig, *, rank: int, world_size: int, captions: Optional[torch.Tensor],
+                latent_space: Optional[nn.Module]) -> StreamingData:
+    """:func:`build_dataset` with the latent shape and caption length it found."""
     d = config.data
     if d.kind not in DATA_KINDS:
         raise ConfigError(f"data.kind must be one of {', '.join(DATA_KINDS)}; got {d.kind!r}")
@@ -483,20 +496,27 @@ def build_dataset(config: TrainConfig, *, rank: int = 0, world_size: int = 1,
         inner = SyntheticLatents(d.latent_shape, d.batch_size, num_classes=d.num_classes, seed=config.run.seed,
                                  rank=rank, world_size=world_size)
         if family == "DiT":
-            return inner
+            return StreamingData(inner, tuple(d.latent_shape), None)
         if captions is None:
             raise ValueError("synthetic MMDiT data needs the caption table (see label_captions)")
-        return LabelCaptionLatents(inner, captions)
+        return StreamingData(LabelCaptionLatents(inner, captions), tuple(d.latent_shape), captions.shape[1])
+    if d.kind in STREAMING_KINDS:
+        if latent_space is None and d.kind != "latents":
+            latent_space = build_latent_space(config)
+        data = build_streaming_dataset(config, family, rank=rank, world_size=world_size, latent_space=latent_space)
+        d.latent_shape = data.latent_shape
+        return data
     tensors = _memory_tensors(config, family)
     d.latent_shape = tuple(int(s) for s in tensors["x"].shape[1:])
     shuffle = d.options.get("shuffle", True)
     if not isinstance(shuffle, bool):
         raise ConfigError(f"data.options.shuffle must be true or false, got {shuffle!r}")
     try:
-        return TensorDictDataset(tensors, d.batch_size, seed=config.run.seed, rank=rank, world_size=world_size,
-                                 shuffle=shuffle)
+        dataset = TensorDictDataset(tensors, d.batch_size, seed=config.run.seed, rank=rank, world_size=world_size,
+                                    shuffle=shuffle)
     except ValueError as err:
         raise ConfigError(f"data.path: {err}") from None
+    return StreamingData(dataset, d.latent_shape, tensors["context"].shape[1] if "context" in tensors else None)
 
 
 # ---- the whole run ----------------------------------------------------------------------------------
@@ -557,10 +577,12 @@ def build(config: TrainConfig, *, rank: Optional[int] = None, world_size: Option
     captions = None
     if family == "MMDiT" and config.data.kind == "synthetic":
         captions = label_captions(config, _model_config(config).caption_dim)
-    dataset = build_dataset(config, rank=rank, world_size=world_size, captions=captions)  # may set latent_shape
+    latent_space = build_latent_space(config)
+    data = _build_data(config, rank=rank, world_size=world_size, captions=captions,
+                       latent_space=latent_space)  # may set latent_shape
+    dataset = data.dataset
     model = build_model(config)
     objective = build_objective(config, model)
-    latent_space = build_latent_space(config)
     conditioner = None
     if family == "DiT":
         conditioner = ClassConditioner(config.data.num_classes, model.null_class)
@@ -573,7 +595,7 @@ def build(config: TrainConfig, *, rank: Optional[int] = None, world_size: Option
         cond_keys: Tuple[str, ...] = ("y",)
         dropout = 0.0
     else:
-        caption_len = captions.shape[1] if captions is not None else dataset.tensors["context"].shape[1]
+        caption_len = data.caption_len
         flops = model.flops_per_sample(h, w, caption_len=caption_len, training=True)
         tokens += caption_len
         cond_keys = ("context", "context_mask")

@@ -696,6 +696,9 @@ class Trainer:
         record: Dict[str, Any] = {"step": step, "loss": interval.mean_loss(), "grad_norm": interval.mean_norm(),
                                   "lr": lr, "skipped": interval.skipped, "skipped_steps": self.skipped_steps}
         record.update(rates)
+        counts = getattr(self.dataset, "skip_counts", None)
+        if callable(counts):  # streaming data: bad samples skipped so far on this rank (rank 0), by reason
+            record["data_skips"] = dict(counts())
         if self.device.type == "cuda":
             record["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             torch.cuda.reset_peak_memory_stats(self.device)

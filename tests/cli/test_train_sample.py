@@ -231,7 +231,7 @@ def test_latents_to_images_and_default_classes():
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["data.kind=webdataset"], "data.kind must be one of synthetic, memory"),
+    (["data.kind=lmdb"], "data.kind must be one of synthetic, memory, latents, webdataset, folder, urls"),
     (["data.kind=memory"], "data.kind=memory needs data.path"),
     (["data.kind=memory", "data.path=/nonexistent/x.npz"], "no file at"),
     (["model.name=DiT-Q/2"], "unknown model.name 'DiT-Q/2'"),

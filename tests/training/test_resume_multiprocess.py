@@ -179,3 +179,17 @@ def test_fsdp2_resume_is_exact_and_its_checkpoints_load_under_ddp(toy, tmp_path)
     _run(toy, tmp_path, 2, ["--steps", 10, "--every", 4, "--parallel", "ddp"], "run")
     records, _ = toy.step_records(run_dir)
     assert sorted(records) == list(range(1, 11)) and all(records[s]["loss"] is not None for s in records)
+
+
+def test_sigkill_then_resume_is_bitwise_exact_on_streamed_latent_shards_2_ranks_x_2_workers(toy, tmp_path):
+    """Streamed data (latent shards read by 2 DataLoader workers per rank, 5 shards of unequal size over
+    4 slots) keeps the resume exact: the data position of every worker slot is in the checkpoint."""
+    shards = tmp_path / "shards"
+    toy.write_latent_shards(shards, toy.toy_config(tmp_path / "unused"))
+    args = ["--steps", 10, "--every", 3, "--data", f"latents:{shards}:2"]
+    ref = _run(toy, tmp_path, 2, args, "ref")
+    run_dir = _kill_at_step(toy, tmp_path, 2, [*args, "--delay", 0.15], "run", random.randint(4, 8))
+    _run(toy, tmp_path, 2, args, "run")
+    _assert_same_run(toy, ref, run_dir, 10)
+    state = load_state(str(run_dir / "checkpoints" / "step_000000009"))["data"]
+    assert len(state) == 2 and all(len(s["slots"]) == 2 for s in state)

@@ -89,7 +89,27 @@ def toy_config(out, **overrides):
     return cfg
 
 
+def write_latent_shards(directory, cfg, n=35, shard_size=8):
+    """Latent shards (``fastdit prepare``'s format) of ``n`` toy latents and labels: shards of ``shard_size``
+    and a shorter last one."""
+    from fastdit.data.latent_shards import LatentShardWriter
+
+    gen = torch.Generator().manual_seed(4321)
+    x = torch.randn(n, *cfg.data.latent_shape, generator=gen)
+    y = torch.randint(0, cfg.data.num_classes, (n,), generator=gen)
+    writer = LatentShardWriter(str(directory), shard_size, {"toy": True})
+    writer.add({"x": x, "y": y}, list(range(n)))
+    writer.finish(n)
+
+
 def toy_dataset(cfg, rank=0, world_size=1, kind="memory"):
+    if kind.startswith("latents:"):  # latents:<dir>:<num_workers>
+        from fastdit.data.latent_shards import LatentShards
+        from fastdit.data.streaming import StreamingDataset
+
+        _, directory, workers = kind.split(":")
+        return StreamingDataset(LatentShards(directory, seed=cfg.run.seed), cfg.data.batch_size,
+                                seed=cfg.run.seed, rank=rank, world_size=world_size, num_workers=int(workers))
     if kind == "synthetic":
         return SyntheticLatents(cfg.data.latent_shape, cfg.data.batch_size, num_classes=cfg.data.num_classes,
                                 seed=cfg.run.seed, rank=rank, world_size=world_size)
