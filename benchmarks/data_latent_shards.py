@@ -28,6 +28,31 @@ from fastdit.data.latent_shards import FLOAT_DTYPES, LatentShards, LatentShardWr
 from fastdit.data.streaming import StreamingDataset
 
 
+def environment() -> Dict:
+    """Date, machine (CPU model, cores, load average) and library versions, for the JSON report."""
+    import datetime
+    import importlib.metadata
+
+    cpu_model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu_model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")),
+                             cpu_model)
+    except OSError:
+        pass
+    versions = {"python": platform.python_version()}
+    for dist in ("torch", "numpy", "Pillow", "urllib3", "pyarrow", "webdataset"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "machine": {"host": platform.node(), "cpu_model": cpu_model, "cpus": os.cpu_count(),
+                        "cpus_usable": len(os.sched_getaffinity(0)), "platform": platform.platform(),
+                        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]},
+            "versions": versions}
+
+
 def write_random_shards(directory: str, samples: int, shape: List[int], dtype: torch.dtype, shard_size: int,
                         flip_views: bool, seed: int = 0) -> float:
     """Fill ``directory`` with ``samples`` random latents; returns the seconds it took."""
@@ -80,6 +105,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None, help="shard directory to write (or reuse, if it has a manifest)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    env = environment()
     shape = [int(s) for s in args.shape.split(",")]
     dtype = FLOAT_DTYPES[args.dtype]
     os.makedirs(args.out, exist_ok=True)
@@ -102,7 +128,9 @@ def main(argv=None) -> int:
               "write_seconds": write_seconds, **result, "target_samples_per_s": 20_000,
               "meets_target": result["median"] >= 20_000, "host": platform.node(), "cpu": platform.processor(),
               "cpus": os.cpu_count(), "torch": torch.__version__,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "date": env["date"],
+              "machine": {**env["machine"], "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},
+              "versions": env["versions"]}
     with open(os.path.join(args.out, "data_latent_shards.json"), "w") as fh:
         json.dump(report, fh, indent=1)
     md = ["| samples | shape | dtype | shards | batch | flips | threads | samples/s (median) | best | target |",

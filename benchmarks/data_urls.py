@@ -1,12 +1,16 @@
 """Benchmark: UrlImages through StreamingDataset against a local fault-injecting HTTP server (CPU only).
 
-    python benchmarks/data_urls.py --out benchmarks/results/<date>_cpu_data_urls [--rows 640] [--workers 0,2]
+    python benchmarks/data_urls.py --out benchmarks/results/<date>_cpu_data_urls [--rows 4096] [--workers 0,2]
 
 A server process (the FaultServer of tests/data/test_fetch.py, on 127.0.0.1) serves ``--rows`` JPEGs
 (short side ``--size``) of which ~30% are replaced by faults of every kind the server injects (HTTP
 errors, 503 after retries, stalled bodies, truncation, oversize bodies, redirect loops, redirects to
 private / metadata addresses, a host resolving to a private address, non-images, a 50,000 x 50,000 PNG
-header, a cut JPEG); some good rows answer 503 once first (the retry must bring them in).
+header, a cut JPEG); some good rows answer 503 once first (the retry must bring them in). Stalled bodies
+(1/15 of the faults, ~2% of rows) hold their fetch until ``--deadline`` (default 1 s: generous for
+127.0.0.1, where a good fetch takes milliseconds; a crawl of the internet uses ~10 s and then needs a
+look-ahead ``--window`` of about rows/s x deadline, see fastdit/data/urls.py). Good rows cycle through
+``--distinct-photos`` encoded JPEGs (every row still has its own URL, fetch and decode).
 
 The table is laid out so every reader's share of an epoch ends exactly on a batch boundary (every chunk
 holds the same number of faults, its last row good), so after exactly one epoch of batches the skip
@@ -83,7 +87,7 @@ def plan_rows(rows: int, chunk: int, faults_per_chunk: int, kinds: List[str]) ->
     return plan
 
 
-def serve(conn, plan: List[str], size: int) -> None:
+def serve(conn, plan: List[str], size: int, distinct: int) -> None:
     """Server process: build the files, start the FaultServer, send the port, serve until told to stop."""
     fs = load_fault_server_module()
     server = fs.FaultServer()
@@ -91,9 +95,10 @@ def serve(conn, plan: List[str], size: int) -> None:
     server.add("notimage", b"<html>not an image</html>", "text/html")
     server.add("bomb.png", fs.make_png_bomb(), "image/png")
     server.add("cut.jpg", cut[: len(cut) // 2], "image/jpeg")
+    photos = [make_photo(j, size) for j in range(distinct)]
     for i, kind in enumerate(plan):
         if kind in ("good", "flaky"):
-            server.add(f"img{i}.jpg", make_photo(i, size), "image/jpeg")
+            server.add(f"img{i}.jpg", photos[i % distinct], "image/jpeg")
             if kind == "flaky":
                 server.flaky[f"img{i}.jpg"] = 1
     conn.send(server.port)
@@ -124,6 +129,31 @@ class RebindResolver:
         return socket.getaddrinfo(host, port, family, type, proto, flags)
 
 
+def environment() -> Dict:
+    """Date, machine (CPU model, cores, load average) and library versions, for the JSON report."""
+    import datetime
+    import importlib.metadata
+
+    cpu_model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu_model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")),
+                             cpu_model)
+    except OSError:
+        pass
+    versions = {"python": platform.python_version()}
+    for dist in ("torch", "numpy", "Pillow", "urllib3", "pyarrow", "webdataset"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "machine": {"host": platform.node(), "cpu_model": cpu_model, "cpus": os.cpu_count(),
+                        "cpus_usable": len(os.sched_getaffinity(0)), "platform": platform.platform(),
+                        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]},
+            "versions": versions}
+
+
 def run_case(table_path: str, args, workers: int, good_per_epoch: int, expected: Counter) -> Dict:
     from fastdit.data.fetch import FetchPolicy
     from fastdit.data.streaming import StreamingDataset
@@ -132,7 +162,7 @@ def run_case(table_path: str, args, workers: int, good_per_epoch: int, expected:
     policy = FetchPolicy(deadline_s=args.deadline, max_bytes=MAX_BYTES, retries=2, backoff_s=0.05,
                          allow_networks=("127.0.0.1/32",))
     source = UrlImages(table_path, size=args.size, chunk_size=args.chunk, concurrency=args.concurrency,
-                       policy=policy, resolver=RebindResolver(), seed=0)
+                       window=args.window, policy=policy, resolver=RebindResolver(), seed=0)
     data = StreamingDataset(source, batch_size=args.batch_size, seed=0, num_workers=workers,
                             multiprocessing_context="fork" if workers else None)
     batches_per_epoch = good_per_epoch // args.batch_size
@@ -167,19 +197,23 @@ def run_case(table_path: str, args, workers: int, good_per_epoch: int, expected:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="directory for data_urls.json and data_urls.md")
-    parser.add_argument("--rows", type=int, default=640)
-    parser.add_argument("--chunk", type=int, default=32, help="rows per item")
-    parser.add_argument("--faults-per-chunk", type=int, default=10, help="10 of 32 = 31%% faults")
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--chunk", type=int, default=1024, help="rows per item (UrlImages' default)")
+    parser.add_argument("--faults-per-chunk", type=int, default=320, help="320 of 1024 = 31%% faults")
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=22)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--deadline", type=float, default=1.0, help="fetch deadline (the stalled rows wait it out)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=64, help="fetch threads per reader (UrlImages' default)")
+    parser.add_argument("--window", type=int, default=256, help="rows submitted ahead (UrlImages' default)")
+    parser.add_argument("--deadline", type=float, default=1.0,
+                        help="fetch deadline in s (the stalled rows wait it out); 1 s is generous for 127.0.0.1")
+    parser.add_argument("--distinct-photos", type=int, default=97, help="distinct JPEGs the good rows cycle through")
     parser.add_argument("--workers", default="0,2")
     parser.add_argument("--exclude", default="", help="fault kinds left out, comma-separated (e.g. stall)")
     args = parser.parse_args()
     sys.path.insert(0, REPO)
     import torch
 
+    env = environment()
     workers_list = [int(w) for w in args.workers.split(",")]
     if args.rows % args.chunk:
         parser.error("--rows must be a multiple of --chunk")
@@ -200,7 +234,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for w in workers_list:
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=serve, args=(child, plan, args.size), daemon=True)
+            proc = ctx.Process(target=serve, args=(child, plan, args.size, args.distinct_photos), daemon=True)
             proc.start()
             port = parent.recv()
             base = f"http://127.0.0.1:{port}"
@@ -220,15 +254,24 @@ def main() -> int:
     report = {
         "benchmark": "data_urls", "rows": args.rows, "size": args.size, "chunk": args.chunk,
         "fault_fraction": round(sum(expected.values()) / args.rows, 3), "expected_skips": dict(sorted(expected.items())),
-        "deadline_s": args.deadline, "concurrency": args.concurrency, "fault_kinds": kinds,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads()},
+        "deadline_s": args.deadline, "concurrency": args.concurrency, "window": args.window,
+        "batch_size": args.batch_size, "distinct_photos": args.distinct_photos, "fault_kinds": kinds,
+        "date": env["date"], "machine": {**env["machine"], "torch_threads": torch.get_num_threads(),
+                                         "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "versions": env["versions"], "target_images_per_s": 200,
         "results": results,
     }
+    # Headline: cold-epoch images/s (everything fetched) with 2 readers, skips exact in every epoch.
+    report["meets_target"] = {str(r["workers"]): r["cold"]["images_per_s"] >= 200 and r["cold"]["skips_exact"]
+                              and r["warm"]["skips_exact"] for r in results}
     with open(os.path.join(args.out, "data_urls.json"), "w") as fh:
         json.dump(report, fh, indent=2)
     lines = [f"# UrlImages through StreamingDataset ({args.rows} rows, {args.size}px JPEGs, "
              f"{report['fault_fraction']:.0%} faults, {os.cpu_count()} CPUs)", "",
+             f"{env['date']}, {env['machine']['cpu_model']}; chunk {args.chunk} rows, window {args.window}, "
+             f"{args.concurrency} threads per reader, fetch deadline {args.deadline} s, batch {args.batch_size}; "
+             f"load average {env['machine']['loadavg_at_start']} at start, "
+             f"{report['machine']['loadavg_at_end']} at end.", "",
              "| workers | epoch | images | s | images/s | images/s after 1st batch | 1st batch s | skips exact |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:

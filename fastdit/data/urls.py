@@ -3,7 +3,7 @@
 :func:`read_url_table` loads the metadata: a ``url`` column (``URL`` too), an optional caption
 (``caption`` or img2dataset's ``TEXT``) and optional ``width``/``height``/``similarity`` columns used for
 filtering. :class:`UrlImages` is the :class:`~fastdit.data.streaming.SampleSource` over such a table:
-its items are chunks of rows (``"<file>#rows=a:b"``), and reading a chunk fetches the images with a small
+its items are chunks of rows (``"<file>#rows=a:b"``), and reading a chunk fetches the images with a
 thread pool through :class:`~fastdit.data.fetch.SafeFetcher` (public addresses only, deadline, byte cap)
 and a per-process :class:`~fastdit.data.ram_cache.RamCache`, decodes them with
 :func:`~fastdit.data.images.decode_image` (decompression bombs refused from the header) and crops them
@@ -18,6 +18,23 @@ Wrap it in :class:`~fastdit.data.streaming.StreamingDataset` for the trainer::
 Choose ``chunk_size`` so that there are at least ``world_size * num_workers`` chunks: with fewer items
 than readers the dataset splits by sample and every reader walks every chunk (it only *fetches* its own
 rows, but the chunk order is shared).
+
+Throughput and dead links
+-------------------------
+Samples come out strictly in row order (the stream is deterministic and positions count skips), so a row
+whose server stalls holds the reader until the fetch deadline (``FetchPolicy.deadline_s``). To keep going
+meanwhile, a reader submits up to ``window`` rows *ahead* of the one it hands out, run by ``concurrency``
+threads (fetching is I/O-bound; Pillow decodes outside the GIL). With a stall in every window the rate
+of one reader is at most about ``window / deadline_s`` rows/s, so size the window as
+``rows/s wanted x deadline_s`` (e.g. 256 rows for ~250 rows/s at a 1 s deadline; a 10 s internet deadline
+needs ~2500 rows or several workers) and keep ``concurrency`` above the stalls in flight
+(``window x stalled fraction``) plus the cores' worth of decoding. Finished rows waiting for an earlier
+one are held decoded (``3 x S x S`` bytes each: 196 KB at S=256), so memory per reader is about
+``window x 3 x S x S``.
+
+The window does not cross items: ``StreamingDataset`` asks for one item at a time, so at the end of every
+chunk the window drains and the next chunk starts empty (up to one deadline lost per chunk when a stall
+sits near the end). Keep ``chunk_size`` several times the window (default 1024 rows = 4 windows).
 """
 from __future__ import annotations
 
@@ -25,6 +42,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import glob
+import itertools
 import json
 import os
 import socket
@@ -248,8 +266,12 @@ class UrlImages(SampleSource):
     Args:
         table: a :class:`UrlTable` or what :func:`read_url_table` takes (path, directory, glob, list).
         size: side of the square training crop S (samples are ``{"image": uint8 (3, S, S)}``).
-        chunk_size: rows per item (``"<file>#rows=a:b"``).
-        concurrency: fetches in flight per reading process (a thread pool; results in row order).
+        chunk_size: rows per item (``"<file>#rows=a:b"``); keep it several times ``window`` (see the
+            module docstring: the look-ahead drains at every item boundary).
+        concurrency: fetch threads per reading process (fetches in flight at once; I/O-bound, so cheap).
+        window: rows submitted ahead of the consumer (look-ahead), at least ``concurrency`` in effect;
+            results still come out in row order. Bounds the rate to ~``window / deadline_s`` rows/s per
+            reader when stalled servers are common, and memory to ~``window`` decoded crops.
         seed: seeds the horizontal flips, drawn per (seed, epoch, file, row) when ``random_flip``.
         policy: the :class:`FetchPolicy` (deadline, byte cap, allowed networks, ...).
         cache_bytes: per-process :class:`RamCache` of fetched bytes (0 disables it).
@@ -268,7 +290,8 @@ class UrlImages(SampleSource):
     name = "urls"
 
     def __init__(self, table: Union[UrlTable, str, os.PathLike, Sequence[str]], *, size: int,
-                 chunk_size: int = 256, concurrency: int = 16, seed: int = 0, random_flip: bool = True,
+                 chunk_size: int = 1024, concurrency: int = 64, window: int = 256, seed: int = 0,
+                 random_flip: bool = True,
                  policy: Optional[FetchPolicy] = None, cache_bytes: int = 256 * 1024 * 1024,
                  max_pixels: int = 64_000_000, min_side: int = 1, resolver: Resolver = socket.getaddrinfo,
                  min_width: Optional[int] = None, min_height: Optional[int] = None,
@@ -281,13 +304,15 @@ class UrlImages(SampleSource):
             table = read_url_table(table, min_width=min_width, min_height=min_height,
                                    min_similarity=min_similarity)
         for name, value, low in (("size", size, 1), ("chunk_size", chunk_size, 1),
-                                 ("concurrency", concurrency, 1), ("seed", seed, 0), ("cache_bytes", cache_bytes, 0)):
+                                 ("concurrency", concurrency, 1), ("window", window, 1), ("seed", seed, 0),
+                                 ("cache_bytes", cache_bytes, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"UrlImages: {name} must be an int >= {low}, got {value!r}")
         if len(table) == 0:
             raise ValueError(f"UrlImages: no usable rows in {[f.path for f in table.files]} "
                              f"({table.bad_rows} bad, {table.filtered_out} filtered out)")
         self.table, self.size, self.chunk_size, self.concurrency = table, size, chunk_size, concurrency
+        self.window = max(window, concurrency)  # fewer rows ahead than threads would leave threads idle
         self.seed, self.random_flip = seed, bool(random_flip)
         self.policy = policy if policy is not None else FetchPolicy()
         self.cache_bytes, self.max_pixels, self.min_side = cache_bytes, max_pixels, min_side
@@ -321,9 +346,10 @@ class UrlImages(SampleSource):
 
     def read_positions(self, item: str, start: int, stride: int = 1,
                        epoch: int = 0) -> Iterator[Union[Sample, Skip]]:
-        """Rows ``a + start, a + start + stride, ...`` of the chunk, fetched ``concurrency`` at a time and
-        yielded in row order. Only these rows are fetched. Closing the generator early cancels the
-        fetches not yet started (running ones end by the fetch deadline)."""
+        """Rows ``a + start, a + start + stride, ...`` of the chunk, yielded in row order; up to ``window``
+        of them are submitted ahead of the one handed out and fetched by ``concurrency`` threads. Only
+        these rows are fetched. Closing (or dropping) the generator early cancels the fetches not yet
+        started; running ones end by the fetch deadline, and then their threads exit."""
         file_index, first, end = self._parse_item(item)
         if not isinstance(start, int) or start < 0 or not isinstance(stride, int) or stride < 1:
             raise ValueError(f"UrlImages.read: bad start={start!r} / stride={stride!r} for {item!r}")
@@ -352,22 +378,24 @@ class UrlImages(SampleSource):
         if len(rows) == 0:
             return
         fetcher, cache = self._ensure_ready()
+        # The executor's queue is FIFO, so rows start in row order; `pending` holds the submitted rows
+        # (at most `window`), the oldest first. Threads are made on demand, never more than rows.
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(self.concurrency, len(rows)),
                                                      thread_name_prefix="fastdit-urls")
         pending: "collections.deque[concurrent.futures.Future]" = collections.deque()
         todo = iter(rows)
         try:
-            for row in todo:
+            for row in itertools.islice(todo, self.window):
                 pending.append(pool.submit(self._load, fetcher, cache, file_index, row, epoch))
-                if len(pending) >= self.concurrency:
-                    break
             while pending:
                 result = pending.popleft().result()
                 row = next(todo, None)
-                if row is not None:  # keep `concurrency` in flight while the consumer works
+                if row is not None:  # keep the window full while the consumer works
                     pending.append(pool.submit(self._load, fetcher, cache, file_index, row, epoch))
                 yield result
         finally:
+            # Closed early (or an error): queued rows never start; running fetches end by the deadline
+            # and their threads then exit (shutdown without waiting, so close() never blocks).
             for future in pending:
                 future.cancel()
             pool.shutdown(wait=False, cancel_futures=True)
@@ -406,4 +434,5 @@ class UrlImages(SampleSource):
 
     def __repr__(self) -> str:
         return (f"UrlImages({len(self.table)} rows in {len(self.table.files)} files, {len(self._items)} items, "
-                f"size={self.size}, chunk_size={self.chunk_size}, concurrency={self.concurrency})")
+                f"size={self.size}, chunk_size={self.chunk_size}, concurrency={self.concurrency}, "
+                f"window={self.window})")

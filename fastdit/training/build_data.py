@@ -20,8 +20,10 @@ for an MMDiT, its caption encoder) on the training device, in the trainer's pref
 ``urls``
     parquet or JSONL tables (path or glob) with a ``url`` column and a caption column; ``fetch``:
     ``{"deadline_s", "max_bytes", "retries", "max_redirects", "allow_networks"}`` (private, loopback and
-    link-local destinations are refused unless a CIDR here allows them), ``concurrency``, ``chunk_rows``,
-    ``cache_mb`` (RAM cache of fetched bytes per process), ``min_width``, ``min_height``, ``min_similarity``.
+    link-local destinations are refused unless a CIDR here allows them), ``concurrency`` (fetch threads per
+    process, 64), ``window`` (rows fetched ahead of the one handed out, 256: with stalled servers a reader
+    manages about window / deadline_s rows per second), ``chunk_rows`` (1024), ``cache_mb`` (RAM cache of
+    fetched bytes per process, 256), ``min_width``, ``min_height``, ``min_similarity``.
 
 The image kinds also take ``image_size`` (default: what ``data.latent_shape`` implies through the latent
 space), ``flip`` (random horizontal flips, default true) and ``max_pixels`` (larger images are refused from
@@ -45,8 +47,8 @@ STREAMING_OPTIONS = {
     "latents": _COMMON + ("flip", "verify_checksums"),
     "webdataset": _COMMON + _IMAGE,
     "folder": _COMMON + _IMAGE,
-    "urls": _COMMON + _IMAGE + ("fetch", "concurrency", "chunk_rows", "cache_mb", "min_width", "min_height",
-                                "min_similarity"),
+    "urls": _COMMON + _IMAGE + ("fetch", "concurrency", "window", "chunk_rows", "cache_mb", "min_width",
+                                "min_height", "min_similarity"),
 }
 _FETCH_KEYS = ("deadline_s", "max_bytes", "retries", "max_redirects", "allow_networks")
 
@@ -188,8 +190,9 @@ def build_streaming_dataset(config: TrainConfig, family: str, *, rank: int, worl
             cache_mb = _opt(options, "cache_mb", 256, int, kind, 0)
             source = UrlImages(d.path, size=size, seed=seed, random_flip=flip, max_pixels=max_pixels,
                                policy=_fetch_policy(options), cache_bytes=cache_mb * 2**20,
-                               concurrency=_opt(options, "concurrency", 16, int, kind, 1),
-                               chunk_size=_opt(options, "chunk_rows", 256, int, kind, 1),
+                               concurrency=_opt(options, "concurrency", 64, int, kind, 1),
+                               window=_opt(options, "window", 256, int, kind, 1),
+                               chunk_size=_opt(options, "chunk_rows", 1024, int, kind, 1),
                                min_width=options.get("min_width"), min_height=options.get("min_height"),
                                min_similarity=options.get("min_similarity"))
         images = StreamingDataset(source, d.batch_size, seed=seed, rank=rank, world_size=world_size,

@@ -253,18 +253,69 @@ def test_ram_cache_is_per_process_state_not_pickled(server, tmp_path):
     assert clone.cache is None and clone.items() == src.items()
 
 
-def test_abandoned_generator_cancels_pending_fetches(server, tmp_path):
+def _url_threads() -> int:
+    return sum(t.name.startswith("fastdit-urls") for t in threading.enumerate())
+
+
+def _wait_for_no_url_threads(seconds: float = 3) -> None:
+    deadline = time.monotonic() + seconds
+    while _url_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _url_threads() == 0
+
+
+@pytest.mark.parametrize("drop", ["close", "del"])
+def test_abandoned_generator_cancels_pending_fetches(server, tmp_path, drop):
+    # The window (default 256) holds the whole chunk, but only the 4 threads' fetches may ever start:
+    # the first wave (all stalled until the 0.5 s deadline) and, at most, the wave started as it ended.
     rows = [{"url": server.url("/stall"), "caption": str(i)} for i in range(40)]
     src = make_source(write_jsonl(tmp_path / "u.jsonl", rows), chunk_size=40, concurrency=4)
     (item,) = src.items()
     gen = src.read(item, 0)
     assert next(gen) == Skip("fetch: timeout")
-    gen.close()
-    deadline = time.monotonic() + 3
-    while any(t.name.startswith("fastdit-urls") for t in threading.enumerate()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(t.name.startswith("fastdit-urls") for t in threading.enumerate())
-    assert server.hits["/stall"] <= 1 + 4 + 1  # never the whole chunk
+    if drop == "close":
+        gen.close()
+    else:
+        del gen  # dropped unclosed: the generator's finalizer closes it
+    _wait_for_no_url_threads()
+    assert server.hits["/stall"] <= 2 * 4 + 1  # never the whole chunk
+
+
+def test_window_runs_ahead_of_a_blocked_row_with_few_threads(tmp_path):
+    # Row 0 blocks (a stalled server); the other rows finish at once. The reader must submit exactly
+    # `window` rows ahead while it waits, run them on at most `concurrency` threads, and still hand out
+    # every row in order; no thread is left behind.
+    path = write_jsonl(tmp_path / "u.jsonl", [{"url": f"http://a/{i}", "caption": str(i)} for i in range(40)])
+    src = make_source(path, chunk_size=40, concurrency=3, window=12)
+    (item,) = src.items()
+    release, started, lock = threading.Event(), [], threading.Lock()
+    peak = [0]
+
+    def fake_load(fetcher, cache, file_index, row, epoch):
+        with lock:
+            started.append(row)
+            peak[0] = max(peak[0], _url_threads())
+        if row == 0:
+            assert release.wait(10)
+        return Skip(f"row {row}")
+
+    src._load = fake_load
+    out = []
+    consumer = threading.Thread(target=lambda: out.extend(src.read(item, 0)))
+    consumer.start()
+    deadline = time.monotonic() + 5
+    while len(started) < 12 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # nothing beyond the window may start while row 0 is held
+    assert sorted(started) == list(range(12))
+    release.set()
+    consumer.join(10)
+    assert [v.reason for v in out] == [f"row {i}" for i in range(40)]
+    assert sorted(started) == list(range(40)) and peak[0] <= 3
+    _wait_for_no_url_threads()
+    assert make_source(path, concurrency=8, window=2).window == 8  # never fewer rows ahead than threads
+    with pytest.raises(ValueError, match="window must be an int >= 1"):
+        make_source(path, window=0)
 
 
 # ---- through StreamingDataset --------------------------------------------------------------------------
