@@ -14,7 +14,7 @@ import platform
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -44,49 +44,7 @@ def time_cuda(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 1
     return float(median), float(p20), float(p80)
 
 
-def time_cuda_graph(build: Callable[[], Callable[[], object]], calls: int = 10, replays: int = 10
-                    ) -> Tuple[Optional[float], Optional[str]]:
-    """Median ms of one call replayed from a CUDA graph: the GPU time alone, without the host's launch
-    and dispatch overhead, with L2 flushed before every call (as do_bench does).
-
-    ``build()`` returns the callable; it runs on the capture stream (a backward must run on the stream
-    its forward ran on). Each replay runs [flush, fn] × ``calls``; a second graph of flushes alone is
-    subtracted. Returns (ms, None), or (None, the reason) when ``fn`` cannot be captured."""
-    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    try:
-        with torch.cuda.stream(stream):
-            fn = build()
-            for _ in range(3):  # warm-up: compilation, allocator, autotuning
-                fn()
-            stream.synchronize()
-            graphs = []
-            for with_fn in (True, False):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=stream):
-                    for _ in range(calls):
-                        flush.zero_()
-                        if with_fn:
-                            fn()
-                graphs.append(graph)
-        torch.cuda.synchronize()
-    except Exception as err:  # capture refused: report no figure (and why) rather than a wrong one
-        torch.cuda.synchronize()
-        return None, f"{type(err).__name__}: {str(err)[:300]}"
-    medians = []
-    for graph in graphs:
-        graph.replay()  # warm
-        times = []
-        for _ in range(replays):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        medians.append(sorted(times)[len(times) // 2])
-    return max(medians[0] - medians[1], 0.0) / calls, None
+from fastdit.bench.timing import time_cuda_graph  # noqa: E402,F401  (one copy: the bench package's)
 
 
 _COTANGENTS: Dict[tuple, torch.Tensor] = {}

@@ -6,6 +6,7 @@
     fastdit sample   sample grid (PNG + .npz) by class or by caption prompt from a run (fastdit sample --help)
     fastdit scaling  scaling-law study: DiT sizes x training budgets, loss and FD against compute, fits
     fastdit prepare  encode images once into latent shards that training streams (fastdit prepare --help)
+    fastdit bench    time every fastdit piece against every stock peer here, checked; JSON, tables, plots
 
 Each command is a module of this package with ``parser(prog)`` and ``main(argv, prog)``; the library code
 they call lives in :mod:`fastdit.training` (``build``, ``sampling``, the ``Trainer``), :mod:`fastdit.demos`
@@ -30,6 +31,7 @@ COMMANDS = {
                                      "(fastdit sample --help)"),
     "scaling": ("fastdit.cli.scaling", "scaling-law study: DiT sizes x budgets, loss/FD vs compute (--help)"),
     "prepare": ("fastdit.cli.prepare", "encode images (tar shards or a folder) into latent shards (--help)"),
+    "bench": ("fastdit.cli.bench", "time fastdit against every stock peer, checked; report + plots (--help)"),
 }
 
 
