@@ -60,28 +60,12 @@ def parser(prog: str = "fastdit prepare") -> argparse.ArgumentParser:
 def load_autoencoder(path: str):
     """A :class:`~fastdit.latents.ConvAutoencoder` from a ``{"config", "state_dict"}`` file whose latent
     statistics are fitted; ValueError saying what is wrong otherwise."""
-    import pickle
-
-    import torch
-
-    from fastdit.latents import ConvAutoencoder
+    from fastdit.training.build import load_autoencoder as load
 
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as err:
-        raise ValueError(f"--autoencoder: cannot read {path}: {err.strerror or err}") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise ValueError(f"--autoencoder: {path} is not an autoencoder file or holds an unsafe pickle "
-                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
-    if not isinstance(saved, dict) or not {"config", "state_dict"} <= set(saved):
-        raise ValueError(f"--autoencoder: {path} is not a {{'config', 'state_dict'}} file (see "
-                         f"fastdit.training.build.save_autoencoder)")
-    try:
-        autoencoder = ConvAutoencoder(**saved["config"])
-        autoencoder.load_state_dict(saved["state_dict"])
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f"--autoencoder: {path} does not describe a ConvAutoencoder: "
-                         f"{str(err).splitlines()[0]}") from None
+        autoencoder = load(path)
+    except ValueError as err:
+        raise ValueError(f"--autoencoder: {err}") from None
     if not autoencoder.stats_fitted:
         raise ValueError(f"--autoencoder: {path} has no fitted latent statistics, so its latents are not "
                          f"normalised; call fit_latent_stats(train_images) before saving it")

@@ -363,6 +363,29 @@ def save_autoencoder(autoencoder: nn.Module, path: str) -> None:
     torch.save({"config": dict(autoencoder.config), "state_dict": autoencoder.state_dict()}, path)
 
 
+def load_autoencoder(path: str) -> nn.Module:
+    """The :class:`~fastdit.latents.ConvAutoencoder` of a file written by :func:`save_autoencoder`
+    (``torch.load(weights_only=True)``); ValueError naming the file and what is wrong with it."""
+    from fastdit.latents import ConvAutoencoder
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:
+        raise ValueError(f"cannot read {path}: {err.strerror or err}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ValueError(f"{path} is not an autoencoder file or holds an unsafe pickle "
+                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    if not isinstance(saved, dict) or not {"config", "state_dict"} <= set(saved):
+        raise ValueError(f"{path} is not a {{'config', 'state_dict'}} file (see "
+                         f"fastdit.training.build.save_autoencoder)")
+    try:
+        autoencoder = ConvAutoencoder(**saved["config"])
+        autoencoder.load_state_dict(saved["state_dict"])
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{path} does not describe a ConvAutoencoder: {str(err).splitlines()[0]}") from None
+    return autoencoder
+
+
 def build_latent_space(config: TrainConfig) -> Optional[nn.Module]:
     """The latent space of ``data.options`` (``autoencoder`` or ``vae``), or None: latents shown directly."""
     opts = config.data.options
@@ -370,21 +393,10 @@ def build_latent_space(config: TrainConfig) -> Optional[nn.Module]:
         raise ConfigError("data.options: give either autoencoder or vae, not both")
     space = None
     if opts.get("autoencoder"):
-        from fastdit.latents import ConvAutoencoder
-
-        path = opts["autoencoder"]
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-        except OSError as err:
-            raise ConfigError(f"data.options.autoencoder: cannot read {path}: {err.strerror or err}") from None
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-            raise ConfigError(f"data.options.autoencoder: {path} is not an autoencoder file or holds an unsafe "
-                              f"pickle ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
-        if not isinstance(saved, dict) or not {"config", "state_dict"} <= set(saved):
-            raise ConfigError(f"data.options.autoencoder: {path} is not a {{'config', 'state_dict'}} file "
-                              f"(see fastdit.training.build.save_autoencoder)")
-        space = ConvAutoencoder(**saved["config"])
-        space.load_state_dict(saved["state_dict"])
+            space = load_autoencoder(opts["autoencoder"])
+        except ValueError as err:
+            raise ConfigError(f"data.options.autoencoder: {err}") from None
     elif opts.get("vae"):
         from fastdit.latents import AutoencoderKLLatents
 
