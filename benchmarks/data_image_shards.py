@@ -17,6 +17,7 @@ import argparse
 import io
 import json
 import os
+import sys
 import platform
 import tarfile
 import tempfile
@@ -29,41 +30,9 @@ from PIL import Image
 from fastdit.data.streaming import StreamingDataset
 from fastdit.data.webdataset_images import WebDatasetImages
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is no package
+from cpu_machine import cpu_model, environment  # noqa: E402
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def environment() -> Dict:
-    """Date, machine (CPU model, cores, load average) and library versions, for the JSON report."""
-    import datetime
-    import importlib.metadata
-
-    cpu_model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu_model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")),
-                             cpu_model)
-    except OSError:
-        pass
-    versions = {"python": platform.python_version()}
-    for dist in ("torch", "numpy", "Pillow", "urllib3", "pyarrow", "webdataset"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            versions[dist] = None
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "machine": {"host": platform.node(), "cpu_model": cpu_model, "cpus": os.cpu_count(),
-                        "cpus_usable": len(os.sched_getaffinity(0)), "platform": platform.platform(),
-                        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]},
-            "versions": versions}
 
 
 def random_jpeg(rng: np.random.Generator, side: int) -> bytes:

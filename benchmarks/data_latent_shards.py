@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import platform
 import shutil
 import tempfile
@@ -27,30 +28,9 @@ import torch
 from fastdit.data.latent_shards import FLOAT_DTYPES, LatentShards, LatentShardWriter, read_manifest
 from fastdit.data.streaming import StreamingDataset
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is no package
+from cpu_machine import environment  # noqa: E402
 
-def environment() -> Dict:
-    """Date, machine (CPU model, cores, load average) and library versions, for the JSON report."""
-    import datetime
-    import importlib.metadata
-
-    cpu_model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu_model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")),
-                             cpu_model)
-    except OSError:
-        pass
-    versions = {"python": platform.python_version()}
-    for dist in ("torch", "numpy", "Pillow", "urllib3", "pyarrow", "webdataset"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            versions[dist] = None
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "machine": {"host": platform.node(), "cpu_model": cpu_model, "cpus": os.cpu_count(),
-                        "cpus_usable": len(os.sched_getaffinity(0)), "platform": platform.platform(),
-                        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]},
-            "versions": versions}
 
 
 def write_random_shards(directory: str, samples: int, shape: List[int], dtype: torch.dtype, shard_size: int,

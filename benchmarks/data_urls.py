@@ -27,7 +27,6 @@ import io
 import json
 import multiprocessing
 import os
-import platform
 import socket
 import sys
 import tempfile
@@ -35,6 +34,10 @@ import time
 import urllib.parse
 from collections import Counter
 from typing import Dict, List
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is no package
+from cpu_machine import environment  # noqa: E402
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,31 +130,6 @@ class RebindResolver:
         if host == "rebind.test":
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.1.2.3", port))]
         return socket.getaddrinfo(host, port, family, type, proto, flags)
-
-
-def environment() -> Dict:
-    """Date, machine (CPU model, cores, load average) and library versions, for the JSON report."""
-    import datetime
-    import importlib.metadata
-
-    cpu_model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu_model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")),
-                             cpu_model)
-    except OSError:
-        pass
-    versions = {"python": platform.python_version()}
-    for dist in ("torch", "numpy", "Pillow", "urllib3", "pyarrow", "webdataset"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            versions[dist] = None
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "machine": {"host": platform.node(), "cpu_model": cpu_model, "cpus": os.cpu_count(),
-                        "cpus_usable": len(os.sched_getaffinity(0)), "platform": platform.platform(),
-                        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]},
-            "versions": versions}
 
 
 def run_case(table_path: str, args, workers: int, good_per_epoch: int, expected: Counter) -> Dict:
