@@ -322,6 +322,17 @@ class _WorkerStream(torch.utils.data.IterableDataset):
             yield local, batch, reader.state()
 
 
+def skip_counts_of_state(state: Dict[str, Any]) -> Dict[str, int]:
+    """Skipped positions by reason recorded in a :meth:`StreamingDataset.state_dict` (summed over its slots);
+    empty for any other state. A consumer that reads ahead (the trainer's prefetcher) counts from the state
+    of the last batch it *used*, so the counts cover exactly the batches trained on."""
+    total: Dict[str, int] = collections.Counter()
+    slots = state.get("slots") if isinstance(state, dict) else None
+    for slot_state in slots if isinstance(slots, list) else ():
+        total.update(slot_state.get("skips", {}))
+    return dict(total)
+
+
 class StreamingDataset(StatefulDataset):
     """An infinite, rank-sharded, exactly resumable stream of batches from a :class:`SampleSource`.
 
@@ -484,10 +495,7 @@ class StreamingDataset(StatefulDataset):
     # ---- reporting --------------------------------------------------------------------------------
     def skip_counts(self) -> Dict[str, int]:
         """Skipped positions by reason, over all slots of this rank, up to the last batch handed out."""
-        total: Dict[str, int] = collections.Counter()
-        for slot_state in self._slot_states:
-            total.update(slot_state["skips"])
-        return dict(total)
+        return skip_counts_of_state({"slots": self._slot_states})
 
     @property
     def epoch(self) -> int:

@@ -53,6 +53,7 @@ from torch import nn
 
 from fastdit.data.base import StatefulDataset
 from fastdit.data.prefetch import Prefetcher
+from fastdit.data.streaming import skip_counts_of_state
 from fastdit.ops.attention import attention_path_choices, set_attention_path_choices
 from fastdit.training.checkpoint import CheckpointManager, CheckpointWriteError, load_state, resolve_checkpoint
 from fastdit.training.config import UNSET, ConfigError, TrainConfig, config_changes, is_model_defining
@@ -690,15 +691,28 @@ class Trainer:
         else:
             print(message, file=sys.stderr, flush=True)
 
+    def _data_skips(self) -> Optional[Dict[str, int]]:
+        """Streaming data: samples skipped as bad (corrupt, failed fetch, ...) by reason, summed over every
+        rank, up to the last batch trained on; None for data that skips nothing. Called by every rank (it
+        gathers when the dataset counts skips, which every rank's dataset does or none does)."""
+        if not callable(getattr(self.dataset, "skip_counts", None)):
+            return None
+        position = self._prefetcher.position if self._prefetcher is not None else self.dataset.state_dict()
+        total: Dict[str, int] = {}
+        for counts in all_gather_objects(skip_counts_of_state(position), self.dist):
+            for reason, n in counts.items():
+                total[reason] = total.get(reason, 0) + int(n)
+        return dict(sorted(total.items()))
+
     def _write_metrics(self, step: int, lr: float, interval: "_Interval", rates: Dict[str, float]) -> None:
+        data_skips = self._data_skips()  # a collective: before the non-main ranks return
         if not self.is_main:
             return
         record: Dict[str, Any] = {"step": step, "loss": interval.mean_loss(), "grad_norm": interval.mean_norm(),
                                   "lr": lr, "skipped": interval.skipped, "skipped_steps": self.skipped_steps}
         record.update(rates)
-        counts = getattr(self.dataset, "skip_counts", None)
-        if callable(counts):  # streaming data: bad samples skipped so far on this rank (rank 0), by reason
-            record["data_skips"] = dict(counts())
+        if data_skips is not None:
+            record["data_skips"] = data_skips
         if self.device.type == "cuda":
             record["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             torch.cuda.reset_peak_memory_stats(self.device)

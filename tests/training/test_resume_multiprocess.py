@@ -193,3 +193,29 @@ def test_sigkill_then_resume_is_bitwise_exact_on_streamed_latent_shards_2_ranks_
     _assert_same_run(toy, ref, run_dir, 10)
     state = load_state(str(run_dir / "checkpoints" / "step_000000009"))["data"]
     assert len(state) == 2 and all(len(s["slots"]) == 2 for s in state)
+
+
+def test_skipped_samples_are_counted_over_every_rank_up_to_the_last_batch_trained(toy, tmp_path):
+    """Every fifth sample of each shard is bad. metrics.jsonl's data_skips must equal the skips the two ranks'
+    datasets meet while drawing exactly the batches trained on (replayed here), not rank 0's alone and not
+    what the prefetcher drew ahead."""
+    from fastdit.data.streaming import skip_counts_of_state
+
+    shards = tmp_path / "shards"
+    cfg = toy.toy_config(tmp_path / "unused")
+    toy.write_latent_shards(shards, cfg)
+    steps = 9
+    run_dir = _run(toy, tmp_path, 2, ["--steps", steps, "--every", 100, "--data", f"latents-with-bad:{shards}:2"],
+                   "run")
+    records, _ = toy.step_records(run_dir)
+    for step in (1, 5, steps):
+        expected = 0
+        for rank in range(2):
+            dataset = toy.toy_dataset(cfg, rank, 2, kind=f"latents-with-bad:{shards}:2")  # as the run reads
+            batches = iter(dataset)
+            for _ in range(step):
+                next(batches)
+            expected += skip_counts_of_state(dataset.state_dict()).get("toy bad sample", 0)
+            del batches
+        assert records[step]["data_skips"] == ({"toy bad sample": expected} if expected else {}), step
+    assert records[steps]["data_skips"]["toy bad sample"] > 0

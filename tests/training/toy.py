@@ -102,14 +102,35 @@ def write_latent_shards(directory, cfg, n=35, shard_size=8):
     writer.finish(n)
 
 
+def every_fifth_bad(source):
+    """``source`` with every fifth position of each item replaced by ``Skip("toy bad sample")``: a source
+    with bad samples at known places (the trainer must count them)."""
+    from fastdit.data.streaming import SampleSource, Skip
+
+    class EveryFifthBad(SampleSource):
+        name = "every-fifth-bad"
+
+        def items(self):
+            return source.items()
+
+        def read(self, item, start):
+            for offset, value in enumerate(source.read(item, start), start):
+                yield Skip("toy bad sample") if offset % 5 == 4 else value
+
+    return EveryFifthBad()
+
+
 def toy_dataset(cfg, rank=0, world_size=1, kind="memory"):
-    if kind.startswith("latents:"):  # latents:<dir>:<num_workers>
+    if kind.startswith(("latents:", "latents-with-bad:")):  # latents[-with-bad]:<dir>:<num_workers>
         from fastdit.data.latent_shards import LatentShards
         from fastdit.data.streaming import StreamingDataset
 
-        _, directory, workers = kind.split(":")
-        return StreamingDataset(LatentShards(directory, seed=cfg.run.seed), cfg.data.batch_size,
-                                seed=cfg.run.seed, rank=rank, world_size=world_size, num_workers=int(workers))
+        name, directory, workers = kind.split(":")
+        source = LatentShards(directory, seed=cfg.run.seed)
+        if name == "latents-with-bad":
+            source = every_fifth_bad(source)
+        return StreamingDataset(source, cfg.data.batch_size, seed=cfg.run.seed, rank=rank, world_size=world_size,
+                                num_workers=int(workers))
     if kind == "synthetic":
         return SyntheticLatents(cfg.data.latent_shape, cfg.data.batch_size, num_classes=cfg.data.num_classes,
                                 seed=cfg.run.seed, rank=rank, world_size=world_size)
