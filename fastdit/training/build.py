@@ -60,7 +60,8 @@ from torch import nn
 
 from fastdit.data import (LabelCaptionLatents, StatefulDataset, SyntheticLatents, TensorDictDataset, derive_seed,
                           load_tensor_file)
-from fastdit.training.build_data import STREAMING_KINDS, STREAMING_OPTIONS, StreamingData, build_streaming_dataset
+from fastdit.training.build_data import (IMAGE_KINDS, STREAMING_KINDS, STREAMING_OPTIONS, StreamingData,
+                                         build_streaming_dataset)
 from fastdit.training.config import ConfigError, TrainConfig
 
 TASKS = ("rectified_flow", "ddpm")
@@ -410,8 +411,7 @@ def build_latent_space(config: TrainConfig) -> Optional[nn.Module]:
             raise ConfigError(f"data.options.vae: {err}") from None
     if space is not None:
         space.eval().requires_grad_(False)
-        derived = config.data.kind in STREAMING_KINDS and config.data.kind != "latents"  # shape from the space
-        if not derived and space.latent_channels != config.data.latent_shape[0]:
+        if config.data.kind not in IMAGE_KINDS and space.latent_channels != config.data.latent_shape[0]:
             raise ConfigError(f"the latent space has {space.latent_channels} channels but data.latent_shape is "
                               f"{list(config.data.latent_shape)}")
     return space
@@ -513,7 +513,7 @@ def _build_data(config: TrainConfig, *, rank: int, world_size: int, captions: Op
             raise ValueError("synthetic MMDiT data needs the caption table (see label_captions)")
         return StreamingData(LabelCaptionLatents(inner, captions), tuple(d.latent_shape), captions.shape[1])
     if d.kind in STREAMING_KINDS:
-        if latent_space is None and d.kind != "latents":
+        if latent_space is None and d.kind in IMAGE_KINDS:
             latent_space = build_latent_space(config)
         data = build_streaming_dataset(config, family, rank=rank, world_size=world_size, latent_space=latent_space)
         d.latent_shape = data.latent_shape
@@ -589,9 +589,13 @@ def build(config: TrainConfig, *, rank: Optional[int] = None, world_size: Option
     captions = None
     if family == "MMDiT" and config.data.kind == "synthetic":
         captions = label_captions(config, _model_config(config).caption_dim)
-    latent_space = build_latent_space(config)
+    # Image data is encoded through the latent space, which decides the latent shape; other data sets
+    # data.latent_shape itself (memory, latent shards), and the latent space is then checked against it.
+    latent_space = build_latent_space(config) if config.data.kind in IMAGE_KINDS else None
     data = _build_data(config, rank=rank, world_size=world_size, captions=captions,
                        latent_space=latent_space)  # may set latent_shape
+    if latent_space is None:
+        latent_space = build_latent_space(config)
     dataset = data.dataset
     model = build_model(config)
     objective = build_objective(config, model)

@@ -41,6 +41,7 @@ import torch
 from fastdit.training.config import ConfigError, TrainConfig
 
 STREAMING_KINDS = ("latents", "webdataset", "folder", "urls")
+IMAGE_KINDS = ("webdataset", "folder", "urls")  # encoded on the fly: the latent shape comes from the latent space
 _COMMON = ("num_workers", "shuffle", "resampled")
 _IMAGE = ("image_size", "flip", "max_pixels")
 STREAMING_OPTIONS = {

@@ -105,7 +105,8 @@ def test_dit_trains_on_latent_shards(tmp_path):
 
 
 def _config(*overrides):
-    return TrainConfig.from_dict({}, [*QUIET, *TINY_DIT, *overrides])
+    quiet = [o for o in QUIET if "data.kind=memory" not in overrides or not o.startswith("data.options.")]
+    return TrainConfig.from_dict({}, [*quiet, *TINY_DIT, *overrides])
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -130,3 +131,29 @@ def test_mmdit_on_images_needs_its_caption_encoder_named(tmp_path):
                                      f"data.path={pattern}", "data.options.image_size=8"])
     with pytest.raises(ConfigError, match="caption_encoder"):
         build(cfg, rank=0, world_size=1)
+
+
+@pytest.mark.parametrize("kind", ["latents", "memory"])
+def test_the_latent_space_is_checked_against_the_shape_the_data_sets(tmp_path, kind):
+    """Latent shards and memory files set data.latent_shape themselves; a latent space configured for the
+    grids (8 channels here, not the default 4) is checked against that shape, not the default."""
+    ae = ConvAutoencoder(image_channels=3, latent_channels=8, channels=(8,))
+    ae.latent_stats_fitted.fill_(True)
+    save_autoencoder(ae, str(tmp_path / "ae.pt"))
+    x, y = torch.randn(12, 8, 4, 4), torch.arange(12) % 3
+    if kind == "latents":
+        writer = LatentShardWriter(str(tmp_path / "data"), 5, {"test": True})
+        writer.add({"x": x, "y": y}, list(range(12)))
+        writer.finish(12)
+        path = tmp_path / "data"
+    else:
+        path = tmp_path / "data.pt"
+        torch.save({"x": x, "y": y}, path)
+    built = build(_config(f"data.kind={kind}", f"data.path={path}", f"data.options.autoencoder={tmp_path / 'ae.pt'}"),
+                  rank=0, world_size=1)
+    assert tuple(built.config.data.latent_shape) == (8, 4, 4) and built.latent_space.latent_channels == 8
+    wrong = ConvAutoencoder(image_channels=3, latent_channels=4, channels=(8,))
+    save_autoencoder(wrong, str(tmp_path / "wrong.pt"))
+    with pytest.raises(ConfigError, match="8, 4, 4"):
+        build(_config(f"data.kind={kind}", f"data.path={path}", f"data.options.autoencoder={tmp_path / 'wrong.pt'}"),
+              rank=0, world_size=1)
