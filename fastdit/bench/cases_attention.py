@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastdit.bench.registry import Case, Peer, Workload, register
-from fastdit.bench.stock import (CPU_GPU_ONLY, CPU_MAX_AUTOTUNE_SKIP, apply_rope, check_normwise, compiled, flatten,
-                                 guard_size, on_gpu, optional_import, rope_rotation, triton_skip)
+from fastdit.bench.stock import (apply_rope, check_normwise, compiled, CPU_GPU_ONLY, flatten, guard_size, MAX_AUTOTUNE,
+                                 max_autotune_peer, on_gpu, optional_import, rope_rotation, triton_skip)
 from fastdit.ops import joint_attention, joint_attention_qk, qk_norm_rope_ref, rope_freqs_2d
 
 GROUP = "attention"
@@ -421,11 +421,8 @@ def make_qk(direction: str):
                  Peer("fastdit", lambda: _direction(direction, fast, inputs, cotangents)),
                  Peer("eager", lambda: _direction(direction, stock, inputs, cotangents)),
                  Peer("compile", lambda: _direction(direction, compiled(stock), inputs, cotangents))]
-        if on_gpu(ctx):
-            peers.append(Peer("compile-max-autotune", lambda: _direction(
-                direction, compiled(stock, mode="max-autotune-no-cudagraphs"), inputs, cotangents)))
-        else:
-            peers.append(Peer("compile-max-autotune", None, CPU_MAX_AUTOTUNE_SKIP))
+        peers.append(max_autotune_peer(ctx, lambda: _direction(direction, compiled(stock, mode=MAX_AUTOTUNE),
+                                                               inputs, cotangents)))
         names = _names(joint, 4 if joint else 2)
         if direction == "fwd":
             names = names[:len(cotangents)]

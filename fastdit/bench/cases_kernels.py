@@ -33,8 +33,8 @@ from typing import Any, Callable, Dict, List
 import torch
 
 from fastdit.bench.registry import Case, Peer, Workload, register
-from fastdit.bench.stock import (CPU_MAX_AUTOTUNE_SKIP, DIRECTIONS, check_2x, compiled, direction_call, guard_size,
-                                 on_gpu, reference_results, tensor_bytes, triton_skip)
+from fastdit.bench.stock import (check_2x, compiled, direction_call, DIRECTIONS, guard_size, MAX_AUTOTUNE,
+                                 max_autotune_peer, reference_results, tensor_bytes, triton_skip)
 from fastdit.ops import (adaln_modulate, adaln_modulate_ref, gated_residual_adaln, gated_residual_adaln_ref,
                          qk_norm_rope, qk_norm_rope_ref, rope, rope_freqs_2d, rope_ref)
 from fastdit.testing import gated_residual_adaln_float64
@@ -159,11 +159,8 @@ def make_kernel(op: _Op, direction: str):
         peers = [Peer("fastdit", None if skip else peer(_with_extra(op.fast, extra)), skip),
                  Peer("eager", peer(eager)),
                  Peer("compile", lambda: direction_call(direction, compiled(eager), inputs, cotangents))]
-        if on_gpu(ctx):
-            peers.append(Peer("compile-max-autotune", lambda: direction_call(
-                direction, compiled(eager, mode="max-autotune-no-cudagraphs"), inputs, cotangents)))
-        else:
-            peers.append(Peer("compile-max-autotune", None, CPU_MAX_AUTOTUNE_SKIP))
+        peers.append(max_autotune_peer(ctx, lambda: direction_call(direction, compiled(eager, mode=MAX_AUTOTUNE),
+                                                                   inputs, cotangents)))
 
         if op.name == "gated_adaln":
             def ref64(x, y, gate, shift, scale):

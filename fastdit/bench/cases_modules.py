@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from fastdit.bench.registry import Case, Peer, Workload, register
-from fastdit.bench.stock import (CPU_MAX_AUTOTUNE_SKIP, StockAttention, StockDiTBlock, StockJointBlock, as_tuple,
-                                 check_normwise, compiled, flatten, fresh, guard_size, on_gpu, private_generator,
-                                 randomize_, rope_rotation, triton_skip)
+from fastdit.bench.stock import (as_tuple, check_normwise, compiled, flatten, fresh, guard_size, MAX_AUTOTUNE,
+                                 max_autotune_peer, on_gpu, private_generator, randomize_, rope_rotation,
+                                 StockAttention, StockDiTBlock, StockJointBlock, triton_skip)
 from fastdit.modules import DiTBlock, JointAttention, JointDiTBlock
 from fastdit.ops import rope_freqs_2d
 
@@ -163,10 +163,7 @@ def make_module(kind: str):
                  Peer("fastdit-compile", peer(fast_template, call_fast, "default")),
                  Peer("eager", peer(stock_template, call_stock)),
                  Peer("compile", peer(stock_template, call_stock, "default"))]
-        if on_gpu(ctx):
-            peers.append(Peer("compile-max-autotune", peer(stock_template, call_stock, "max-autotune-no-cudagraphs")))
-        else:
-            peers.append(Peer("compile-max-autotune", None, CPU_MAX_AUTOTUNE_SKIP))
+        peers.append(max_autotune_peer(ctx, peer(stock_template, call_stock, MAX_AUTOTUNE)))
         out_names = ["x_out", "context_out"][:len(outs)]
         all_names = out_names + [f"d{n}" for n in tensor_names + names]
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from fastdit.bench.registry import Case, Peer, Workload, register
-from fastdit.bench.stock import (CPU_MAX_AUTOTUNE_SKIP, StockDiT, autocast, check_samples, compiled, cpu_state, fresh,
-                                 guard_size, on_gpu, private_generator, randomize_, stock_flow_sample)
+from fastdit.bench.stock import (autocast, check_samples, compiled, cpu_state, fresh, guard_size, MAX_AUTOTUNE,
+                                 max_autotune_peer, private_generator, randomize_, stock_flow_sample, StockDiT)
 
 GROUP = "sample"
 CFG_SCALE = 4.0
@@ -83,8 +83,7 @@ def make_sampler(sampler: str):
 
         peers = [Peer("fastdit", ours()), Peer("fastdit-compile", ours("default")),
                  Peer("eager", theirs()), Peer("compile", theirs("default"))]
-        peers.append(Peer("compile-max-autotune", theirs("max-autotune-no-cudagraphs")) if on_gpu(ctx)
-                     else Peer("compile-max-autotune", None, CPU_MAX_AUTOTUNE_SKIP))
+        peers.append(max_autotune_peer(ctx, theirs(MAX_AUTOTUNE)))
 
         def reference():
             return stock_flow_sample(stock_model(), noise, y, null, CFG_SCALE, steps, sampler)

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdit.bench.registry import Case, Peer, Workload, register
-from fastdit.bench.stock import (CPU_GPU_ONLY, CPU_MAX_AUTOTUNE_SKIP, StockDiT, check_first_loss, compiled, cpu_state,
-                                 fresh, guard_size, loss_target, loss_tolerance, on_gpu, optional_import,
-                                 private_generator, randomize_, training_step)
+from fastdit.bench.stock import (check_first_loss, compiled, CPU_GPU_ONLY, cpu_state, fresh, guard_size, loss_target,
+                                 loss_tolerance, MAX_AUTOTUNE, max_autotune_peer, on_gpu, optional_import,
+                                 private_generator, randomize_, StockDiT, training_step)
 
 GROUP = "train"
 
@@ -121,8 +121,7 @@ def make_dit(ctx, shape: str, p) -> Workload:
 
     peers = [peer("fastdit", fastdit_model), peer("fastdit-compile", fastdit_model, "default"),
              peer("eager", stock_model), peer("compile", stock_model, "default")]
-    peers.append(peer("compile-max-autotune", stock_model, "max-autotune-no-cudagraphs") if on_gpu(ctx)
-                 else Peer("compile-max-autotune", None, CPU_MAX_AUTOTUNE_SKIP))
+    peers.append(max_autotune_peer(ctx, peer("compile-max-autotune", stock_model, MAX_AUTOTUNE).build))
     peers.append(_torchao_peer(ctx, stock_model, ("blocks",), make_step))
     return Workload(group=GROUP, name="train.dit-xl2", shape=shape,
                     dims=f"B={B} latent 4x{p['latent']}x{p['latent']} depth={p['depth']} D={p['hidden']} H={p['heads']}",
@@ -223,8 +222,8 @@ def make_flux(ctx, shape: str, p) -> Workload:
              peer("fastdit-compile", fastdit_model, fastdit_forward, ours, "default"),
              peer("eager", stock_model, stock_forward, theirs),
              peer("compile", stock_model, stock_forward, theirs, "default")]
-    peers.append(peer("compile-max-autotune", stock_model, stock_forward, theirs, "max-autotune-no-cudagraphs")
-                 if on_gpu(ctx) else Peer("compile-max-autotune", None, CPU_MAX_AUTOTUNE_SKIP))
+    peers.append(max_autotune_peer(ctx, peer("compile-max-autotune", stock_model, stock_forward, theirs,
+                                             MAX_AUTOTUNE).build))
     peers.append(_torchao_peer(ctx, stock_model, theirs,
                                lambda model, call: training_step(model, ctx, lambda m: stock_forward(call), target)))
     return Workload(group=GROUP, name="train.mmdit", shape=shape, dims=dims, peers=peers, flops=flops,

@@ -42,6 +42,19 @@ def on_gpu(ctx) -> bool:
     return ctx.device.type == "cuda"
 
 
+MAX_AUTOTUNE = "max-autotune-no-cudagraphs"
+
+
+def max_autotune_peer(ctx, build: Callable[[], Callable[[], Any]]):
+    """The ``compile-max-autotune`` peer: ``build`` (a peer build; it compiles with :data:`MAX_AUTOTUNE`) on a
+    GPU, and on the CPU a skip saying why."""
+    from fastdit.bench.registry import Peer
+
+    if on_gpu(ctx):
+        return Peer("compile-max-autotune", build)
+    return Peer("compile-max-autotune", None, CPU_MAX_AUTOTUNE_SKIP)
+
+
 def triton_skip(ctx) -> Optional[str]:
     """Why fastdit's Triton kernels cannot run on ``ctx.device`` (None when they can): on the CPU they run
     only under Triton's interpreter (``TRITON_INTERPRET=1`` before fastdit is imported)."""
