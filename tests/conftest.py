@@ -51,3 +51,14 @@ def _seed_rngs(request):
     except ImportError:
         pass
     yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): tiny
+    convolutions gain nothing from threads, and on a busy 2-core machine OpenMP threads that wait for each
+    other make them many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

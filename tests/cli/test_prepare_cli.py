@@ -20,14 +20,7 @@ from fastdit.latents import AutoencoderKLLatents, ConvAutoencoder  # noqa: E402
 QUIET = ["--device", "cpu", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions gain nothing from threads, and on a busy 2-core machine OpenMP threads that wait for
-    each other make them many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny convolutions: threads only contend
 
 
 @pytest.fixture(scope="module")

@@ -28,14 +28,7 @@ def tiny_vae(seed=0, scaling_factor=0.7, shift_factor=0.1):
         shift_factor=shift_factor)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions gain nothing from threads, and on a busy 2-core machine OpenMP threads that wait for
-    each other make them many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny convolutions: threads only contend
 
 
 @pytest.fixture(scope="module")
