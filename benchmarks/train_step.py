@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py dit   --out DIR   # DiT-XL/2, 256 px (latents 4×32×32), batch 128
     python benchmarks/train_step.py mmdit --out DIR   # 8 Flux-style double blocks, 1024 px, batch 1
+    python benchmarks/train_step.py dit-forward --out DIR  # DiT-XL/2 inference forward, batch 64
     python benchmarks/train_step.py dit --tiny        # a small CPU smoke run of the same code
 
 Every variant runs the baseline's step: bf16 autocast forward, MSE on float32 outputs, backward, fused
@@ -12,6 +13,9 @@ device synchronised at both ends. Variants:
 - ``fastdit-<backend>-<compile>``: fastdit's model with that module backend (``auto``: Triton kernels
   on CUDA; ``reference``: plain PyTorch), compiled per block (``blocks``, what the trainer does) or as a
   whole (``model``);
+- ``stock-max-autotune`` (with ``--max-autotune``): ``torch.compile(model, mode="max-autotune-no-cudagraphs")``;
+- ``dit-forward``: inference instead of training: one bf16-autocast forward under ``no_grad`` (batch 64 by
+  default, as CFG's 2 × 32), the same variants;
 - ``fastdit-trainer`` (dit only): ``fastdit.training.Trainer.fit`` on synthetic latents — rectified-flow
   loss, gradient clipping, EMA, the agreed non-finite check — as ``fastdit train`` runs it; its rate is
   the trainer's own images/s over the timed logging intervals.
@@ -50,13 +54,21 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_steps(model, make_batch: Callable, device, steps: int, warmup: int, profile_to: str = "") -> float:
-    """Seconds per step of the baseline's training step on ``model``; with ``profile_to``, two more steps
-    run under the PyTorch profiler and a table of GPU time by kernel is written there."""
+def time_steps(model, make_batch: Callable, device, steps: int, warmup: int, profile_to: str = "",
+               forward_only: bool = False) -> float:
+    """Seconds per step of the baseline's training step on ``model`` (``forward_only``: one inference
+    forward under ``no_grad``); with ``profile_to``, two more steps run under the PyTorch profiler and a
+    table of GPU time by kernel is written there."""
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
+    opt = None if forward_only else torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
 
-    def step():
+    @torch.no_grad()
+    def forward():
+        args, _ = make_batch()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            model(*args)
+
+    def train_step():
         args, target = make_batch()
         with torch.autocast(device.type, dtype=torch.bfloat16):
             out = model(*args)
@@ -64,6 +76,7 @@ def time_steps(model, make_batch: Callable, device, steps: int, warmup: int, pro
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    step = forward if forward_only else train_step
     for _ in range(warmup):
         step()
     _sync(device)
@@ -117,6 +130,8 @@ def write_profile(step: Callable, device, path: str, steps: int = 2) -> None:
 def compiled(model, how: str):
     if how == "model":
         return torch.compile(model)
+    if how == "max-autotune":
+        return torch.compile(model, mode="max-autotune-no-cudagraphs")
     if how == "blocks":
         for block in model.blocks:
             block.compile(fullgraph=True)
@@ -141,10 +156,11 @@ class TokenDiT(torch.nn.Module):
 
 
 def dit_variants(args, device) -> List[Dict]:
-    B = args.batch or (8 if args.tiny else 128)
+    B = args.batch or (8 if args.tiny else 64 if args.forward_only else 128)
     size = dict(depth=2, hidden_size=128, num_heads=2) if args.tiny else {}
     latent = 8 if args.tiny else 32
-    dit_flops = DiT.from_name("DiT-XL/2", learn_sigma=False, input_size=latent, **size).flops_per_sample(training=True)
+    dit_flops = DiT.from_name("DiT-XL/2", learn_sigma=False, input_size=latent, **size).flops_per_sample(
+        training=not args.forward_only)
 
     def make_batch():
         x = torch.randn(B, 4, latent, latent, device=device)
@@ -160,6 +176,8 @@ def dit_variants(args, device) -> List[Dict]:
         return compiled(TokenDiT(dit).to(device), how)
 
     runs = [("stock-eager", lambda: stock("none")), ("stock-compile", lambda: stock("model"))]
+    if args.max_autotune:
+        runs.append(("stock-max-autotune", lambda: stock("max-autotune")))
     for backend in args.backends:
         for how in args.compile:
             runs.append((f"fastdit-{backend}-{how}", lambda b=backend, h=how: ours(b, h)))
@@ -168,7 +186,7 @@ def dit_variants(args, device) -> List[Dict]:
         if args.only and name not in args.only:
             continue
         results.append(measure(name, build, make_batch, device, args, B, dit_flops))
-    if not args.only or "fastdit-trainer" in args.only:
+    if not args.forward_only and (not args.only or "fastdit-trainer" in args.only):
         results.append(trainer_run(args, device, B, latent, size))
     return results
 
@@ -252,8 +270,8 @@ def mmdit_variants(args, device) -> List[Dict]:
         return (x, c, t, img_freqs, txt_freqs), target
 
     results = []
-    for how in ("none", "model"):
-        name = "stock-" + ("eager" if how == "none" else "compile")
+    for how in ("none", "model") + (("max-autotune",) if args.max_autotune else ()):
+        name = "stock-" + {"none": "eager", "model": "compile"}.get(how, how)
         if not args.only or name in args.only:
             results.append(measure(name, lambda h=how: compiled(StockJointStack(depth, D, H).to(device), h),
                                    batch_stock, device, args, B, flops))
@@ -274,7 +292,7 @@ def measure(name, build, make_batch, device, args, B, flops_per_image) -> Dict:
     model = build()
     try:
         profile_to = os.path.join(args.out, f"profile_{name}{args.tag}.txt") if (args.profile and args.out) else ""
-        seconds = time_steps(model, make_batch, device, args.steps, args.warmup, profile_to)
+        seconds = time_steps(model, make_batch, device, args.steps, args.warmup, profile_to, args.forward_only)
         row = {"variant": name, "ms_per_step": 1e3 * seconds, "images_per_s": B / seconds,
                "tflops": B * flops_per_image / seconds / 1e12, "flops_per_image": flops_per_image,
                "peak_mem_GB": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}
@@ -299,7 +317,9 @@ def _line(row: Dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", choices=("dit", "mmdit"))
+    parser.add_argument("model", choices=("dit", "dit-forward", "mmdit"))
+    parser.add_argument("--max-autotune", action="store_true",
+                        help="also the stock model under torch.compile(mode='max-autotune-no-cudagraphs')")
     parser.add_argument("--out", default=None, help="folder for train_step_<model>.json / .md")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (dit 12, mmdit 6: the baseline's)")
     parser.add_argument("--warmup", type=int, default=4)
@@ -313,7 +333,8 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", action="store_true", help="also write a GPU-time-by-kernel table per variant")
     parser.add_argument("--tiny", action="store_true", help="small model on whatever device: a smoke run")
     args = parser.parse_args(argv)
-    args.steps = args.steps or (12 if args.model == "dit" else 6)
+    args.forward_only = args.model == "dit-forward"
+    args.steps = args.steps or (6 if args.model == "mmdit" else 12)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.attention_path:
         from fastdit.ops.attention import set_attention_path
@@ -322,7 +343,7 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
     if device.type != "cuda" and not args.tiny:
         parser.error("the full-size runs need a GPU (use --tiny for a CPU smoke run)")
-    results = (dit_variants if args.model == "dit" else mmdit_variants)(args, device)
+    results = (mmdit_variants if args.model == "mmdit" else dit_variants)(args, device)
     record = {"benchmark": f"train_step.{args.model}", "tiny": args.tiny, "attention_path": args.attention_path, "steps": args.steps,
               "warmup": args.warmup, "results": results}
     if device.type == "cuda":
@@ -330,7 +351,7 @@ def main(argv=None) -> int:
         record = {**environment(), **record}
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        Path(args.out, f"train_step_{args.model}{args.tag}.json").write_text(json.dumps(record, indent=1) + "\n")
+        Path(args.out, f"train_step_{args.model.replace('-', '_')}{args.tag}.json").write_text(json.dumps(record, indent=1) + "\n")
     return 0
 
 

@@ -24,6 +24,18 @@ def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def launcher(kernel, like: torch.Tensor):
+    """What to launch ``kernel`` through (``launcher(k, out)[grid](...)``): the kernel itself for real
+    tensors; ``torch.library.wrap_triton(kernel)`` while torch.compile traces one of fastdit's
+    ``triton_op``s (``like``, a tensor the launcher allocated, is then fake or functional), so that the
+    launch is recorded in the graph and Inductor calls the kernel from its generated code, with no
+    Python op between (fastdit.ops._common.library_op)."""
+    if type(like) is torch.Tensor:
+        return kernel
+    from torch.library import wrap_triton
+    return wrap_triton(kernel)
+
+
 def processor_count(device: torch.device) -> int:
     """Streaming multiprocessors on a GPU; a small fixed number under the CPU interpreter (it runs
     programs one after another, so more programs only cost time — but several still exercise the
@@ -104,5 +116,5 @@ def sum_chunks(partials: torch.Tensor, outs) -> None:
         return
     block_c = min(32, next_pow2(C))
     block = max(32, min(1024, 4096 // block_c))
-    _sum_chunks_kernel[(triton.cdiv(B * D, block), K)](
+    launcher(_sum_chunks_kernel, outs[0])[(triton.cdiv(B * D, block), K)](
         partials, outs[0], outs[min(1, K - 1)], outs[K - 1], B * D, D, C, BLOCK_C=block_c, BLOCK=block, num_warps=4)

@@ -296,7 +296,7 @@ def adaln_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: fl
     r_strides = r.stride() if gated else (0, 0, 0)
     g_strides = _mod_strides(g) if gated else (0, 0, 0)
     if M > 0:
-        _adaln_fwd_kernel[(triton.cdiv(M, block_m * steps),)](
+        _utils.launcher(_adaln_fwd_kernel, out)[(triton.cdiv(M, block_m * steps),)](
             x, r, g, shift, scale, out, x_new, mean, rstd, M, N, D, eps,
             *x.stride(), *r_strides, *g_strides, *_mod_strides(shift), *_mod_strides(scale),
             GATED=gated, BLOCK_M=block_m, BLOCK_D=block_d, STEPS=steps, HAS_TAIL=block_t > 0,
@@ -352,7 +352,7 @@ def adaln_bwd(dout: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: t
     r_strides = res.stride() if gated else (0, 0, 0)
     g_strides = _mod_strides(gate) if gated else (0, 0, 0)
     if B * N > 0:
-        _adaln_bwd_kernel[(B, chunks)](
+        _utils.launcher(_adaln_bwd_kernel, dx)[(B, chunks)](
             dout, dx_new if gated else dout, x, res if gated else x, gate if gated else scale, scale, mean, rstd,
             dx, dres, d_gate, d_shift, d_scale, N, D, rows_per_chunk, chunks,
             *dout.stride(), *n_strides, *x.stride(), *r_strides, *g_strides, *_mod_strides(scale),

@@ -271,7 +271,7 @@ def qk_norm_rope_fwd(q: torch.Tensor, k: Optional[torch.Tensor] = None, q_weight
     kk, ko = (k, k_out) if k is not None else (q, q_out)
     programs = triton.cdiv(B * N, tokens)
     if programs > 0 and H > 0:
-        _qk_norm_rope_fwd_kernel[(programs,)](
+        _utils.launcher(_qk_norm_rope_fwd_kernel, q_out)[(programs,)](
             q, kk, q_out, ko, q_weight if has_norm else q, k_weight if (has_norm and k is not None) else q,
             freqs if freqs is not None else q, q_rstd if has_norm else q, k_rstd if k_rstd is not None else q,
             B * N, N, H, d // 2, eps, *q.stride(), *kk.stride(), *q_out.stride(), *ko.stride(),
@@ -303,7 +303,7 @@ def qk_norm_rope_bwd(dq_out: torch.Tensor, dk_out: Optional[torch.Tensor], q: to
     block_h, block_half, warps = _config(H, d, num_warps, backward=True)
     kk, dko, dkk = (k, dk_out, dk) if has_k else (q, dq_out, dq)
     if programs > 0 and H > 0:
-        _qk_norm_rope_bwd_kernel[(programs,)](
+        _utils.launcher(_qk_norm_rope_bwd_kernel, dq)[(programs,)](
             dq_out, dko, q, kk, dq, dkk, q_weight, k_weight if has_k else q_weight,
             freqs if freqs is not None else q, q_rstd, k_rstd if has_k else q_rstd, partials,
             M, N, H, d // 2, *dq_out.stride(), *dko.stride(), *q.stride(), *kk.stride(),

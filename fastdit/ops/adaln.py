@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from fastdit.ops._common import (check, check_floating, check_same_device, compute_dtype, join_reasons,
-                                 kernel_can_run, needs_grad, owned_outputs, shape_str, triton_device_reason,
+                                 kernel_can_run, library_op, needs_grad, owned_outputs, shape_str, triton_device_reason,
                                  triton_dtype_reason, use_triton)
 
 # A Triton kernel backs the library op (fastdit.kernels.adaln): "auto" takes it on CUDA.
@@ -148,24 +148,21 @@ def _backward_impl(dy: Tensor, x: Tensor, shift: Tensor, scale: Tensor, mean: Te
                          (dy, x, shift, scale, mean, rstd))
 
 
-_adaln_modulate_op = torch.library.custom_op("fastdit::adaln_modulate", mutates_args=())(_forward_impl)
-_adaln_modulate_backward_op = torch.library.custom_op("fastdit::adaln_modulate_backward",
-                                                      mutates_args=())(_backward_impl)
-
-
-@_adaln_modulate_op.register_fake
-def _(x, shift, scale, eps):
+def _forward_fake(x, shift, scale, eps):
     acc = compute_dtype(x, shift, scale)
     B, N, _ = x.shape
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((B, N), dtype=acc), \
         x.new_empty((B, N), dtype=acc)
 
 
-@_adaln_modulate_backward_op.register_fake
-def _(dy, x, shift, scale, mean, rstd):
+def _backward_fake(dy, x, shift, scale, mean, rstd):
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(shift, memory_format=torch.contiguous_format),
             torch.empty_like(scale, memory_format=torch.contiguous_format))
+
+
+_adaln_modulate_op = library_op("adaln_modulate", _forward_impl, _forward_fake)
+_adaln_modulate_backward_op = library_op("adaln_modulate_backward", _backward_impl, _backward_fake)
 
 
 def _adaln_setup_context(ctx, inputs, output):

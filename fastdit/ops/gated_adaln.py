@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fastdit.ops._common import (check, check_floating, check_same_device, compute_dtype, join_reasons,
-                                 kernel_can_run, needs_grad, owned_outputs, shape_str, triton_device_reason,
+                                 kernel_can_run, library_op, needs_grad, owned_outputs, shape_str, triton_device_reason,
                                  triton_dtype_reason, use_triton)
 from fastdit.ops.adaln import (MAX_TRITON_D, _adaln_forward_math, check_modulation_inputs,
                                layer_norm_modulate_backward_math, per_token, reduce_to)
@@ -90,22 +90,19 @@ def _backward_impl(dx_new: Tensor, dout: Tensor, x_new: Tensor, y: Tensor, gate:
     return owned_outputs(gated_residual_adaln_backward_ref(*inputs), inputs)
 
 
-_gated_op = torch.library.custom_op("fastdit::gated_residual_adaln", mutates_args=())(_forward_impl)
-_gated_backward_op = torch.library.custom_op("fastdit::gated_residual_adaln_backward",
-                                             mutates_args=())(_backward_impl)
-
-
-@_gated_op.register_fake
-def _(x, y, gate, shift, scale, eps):
+def _forward_fake(x, y, gate, shift, scale, eps):
     acc = compute_dtype(x, y, gate, shift, scale)
     B, N, _ = x.shape
     like_x = torch.empty_like(x, memory_format=torch.contiguous_format)
     return like_x, torch.empty_like(like_x), x.new_empty((B, N), dtype=acc), x.new_empty((B, N), dtype=acc)
 
 
-@_gated_backward_op.register_fake
-def _(dx_new, dout, x_new, y, gate, shift, scale, mean, rstd):
+def _backward_fake(dx_new, dout, x_new, y, gate, shift, scale, mean, rstd):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x_new, y, gate, shift, scale))
+
+
+_gated_op = library_op(_OP, _forward_impl, _forward_fake)
+_gated_backward_op = library_op(_OP + "_backward", _backward_impl, _backward_fake)
 
 
 def _gated_setup_context(ctx, inputs, output):

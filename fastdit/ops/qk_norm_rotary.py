@@ -17,8 +17,8 @@ from torch import Tensor
 
 from fastdit.ops import rmsnorm, rotary
 from fastdit.ops._common import (check, check_floating, check_same_device, join_reasons, kernel_can_run,
-                                 needs_grad, owned_outputs, shape_str, triton_device_reason, triton_dtype_reason,
-                                 use_triton)
+                                 library_op, needs_grad, owned_outputs, shape_str, triton_device_reason,
+                                 triton_dtype_reason, use_triton)
 
 KERNEL_READY = True
 _OP = "qk_norm_rope"
@@ -119,13 +119,7 @@ def _backward_impl(dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor, q_weigh
                                         interleaved), inputs)
 
 
-_qk_norm_rope_op = torch.library.custom_op("fastdit::qk_norm_rope", mutates_args=())(_forward_impl)
-_qk_norm_rope_backward_op = torch.library.custom_op("fastdit::qk_norm_rope_backward",
-                                                    mutates_args=())(_backward_impl)
-
-
-@_qk_norm_rope_op.register_fake
-def _(q, k, q_weight, k_weight, freqs, eps, interleaved):
+def _forward_fake(q, k, q_weight, k_weight, freqs, eps, interleaved):
     acc = torch.promote_types(torch.float32, q.dtype)
     stats = q.shape[:-1] if q_weight is not None else (0,)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -133,12 +127,15 @@ def _(q, k, q_weight, k_weight, freqs, eps, interleaved):
             q.new_empty(stats, dtype=acc), k.new_empty(stats, dtype=acc))
 
 
-@_qk_norm_rope_backward_op.register_fake
-def _(dq_out, dk_out, q, k, q_weight, k_weight, freqs, q_rstd, k_rstd, interleaved):
+def _backward_fake(dq_out, dk_out, q, k, q_weight, k_weight, freqs, q_rstd, k_rstd, interleaved):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(q_weight) if q_weight is not None else q.new_empty((0,)),
             torch.empty_like(k_weight) if k_weight is not None else q.new_empty((0,)))
+
+
+_qk_norm_rope_op = library_op("qk_norm_rope", _forward_impl, _forward_fake)
+_qk_norm_rope_backward_op = library_op("qk_norm_rope_backward", _backward_impl, _backward_fake)
 
 
 def _setup_context(ctx, inputs, output):

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fastdit.ops._common import (check, check_floating, check_same_device, compute_dtype, join_reasons,
-                                 kernel_can_run, needs_grad, owned_outputs, shape_str, triton_device_reason,
+                                 kernel_can_run, library_op, needs_grad, owned_outputs, shape_str, triton_device_reason,
                                  triton_dtype_reason, use_triton)
 
 KERNEL_READY = True  # fastdit.kernels.qk_norm_rope, norm only
@@ -89,19 +89,17 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> Tuple
     return owned_outputs(rms_norm_backward_ref(dy, x, weight, rstd), (dy, x, weight, rstd))
 
 
-_rms_norm_op = torch.library.custom_op("fastdit::rms_norm", mutates_args=())(_forward_impl)
-_rms_norm_backward_op = torch.library.custom_op("fastdit::rms_norm_backward", mutates_args=())(_backward_impl)
-
-
-@_rms_norm_op.register_fake
-def _(x, weight, eps):
+def _forward_fake(x, weight, eps):
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             x.new_empty(x.shape[:-1], dtype=compute_dtype(x, weight)))
 
 
-@_rms_norm_backward_op.register_fake
-def _(dy, x, weight, rstd):
+def _backward_fake(dy, x, weight, rstd):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
+
+
+_rms_norm_op = library_op("rms_norm", _forward_impl, _forward_fake)
+_rms_norm_backward_op = library_op("rms_norm_backward", _backward_impl, _backward_fake)
 
 
 def _setup_context(ctx, inputs, output):

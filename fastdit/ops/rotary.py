@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fastdit.ops._common import (check, check_floating, check_same_device, compute_dtype, fail, join_reasons,
-                                 kernel_can_run, needs_grad, owned_outputs, shape_str, triton_device_reason,
+                                 kernel_can_run, library_op, needs_grad, owned_outputs, shape_str, triton_device_reason,
                                  triton_dtype_reason, use_triton)
 
 KERNEL_READY = True  # fastdit.kernels.qk_norm_rope, rotation only
@@ -145,12 +145,11 @@ def _forward_impl(x: Tensor, freqs: Tensor, interleaved: bool, inverse: bool) ->
     return owned_outputs((_forward_math(x, freqs, interleaved, inverse),), (x, freqs))[0]
 
 
-_rope_op = torch.library.custom_op("fastdit::rope", mutates_args=())(_forward_impl)
-
-
-@_rope_op.register_fake
-def _(x, freqs, interleaved, inverse):
+def _forward_fake(x, freqs, interleaved, inverse):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_rope_op = library_op("rope", _forward_impl, _forward_fake)
 
 
 def _setup_context(ctx, inputs, output):

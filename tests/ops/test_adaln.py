@@ -102,10 +102,11 @@ def test_backend_triton_forward_and_gradients_follow_the_2x_rule(dtype, mod_dtyp
 
 @pytest.mark.parametrize("per_token", [False, True])
 @pytest.mark.parametrize("dtype,mod_dtype", [(torch.float32, None), (torch.bfloat16, torch.float32)])
-def test_opcheck(per_token, dtype, mod_dtype):
-    x, shift, scale = make(2, 5, 24, per_token, dtype, mod_dtype, requires_grad=True)
+def test_opcheck(per_token, dtype, mod_dtype, device):
+    """On the GPU the op is a triton_op: opcheck's fake and AOT-dispatch checks trace the kernel launches."""
+    x, shift, scale = make(2, 5, 24, per_token, dtype, mod_dtype, requires_grad=True, device=device)
     opcheck(torch.ops.fastdit.adaln_modulate.default, (x, shift, scale, EPS))
-    x_strided = torch.randn(2, 24, 5, dtype=dtype).transpose(1, 2).requires_grad_()
+    x_strided = torch.randn(2, 24, 5, dtype=dtype, device=device).transpose(1, 2).requires_grad_()
     opcheck(torch.ops.fastdit.adaln_modulate.default, (x_strided, shift, scale, EPS))
 
 

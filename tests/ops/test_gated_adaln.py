@@ -100,8 +100,8 @@ def test_unused_residual_output_still_differentiates():
 
 
 @pytest.mark.parametrize("per_token", [False, True])
-def test_opcheck(per_token):
-    inputs = make(2, 5, 24, per_token, torch.bfloat16, torch.float32, requires_grad=True)
+def test_opcheck(per_token, device):
+    inputs = make(2, 5, 24, per_token, torch.bfloat16, torch.float32, requires_grad=True, device=device)
     opcheck(torch.ops.fastdit.gated_residual_adaln.default, (*inputs, EPS))
 
 

@@ -50,10 +50,10 @@ def test_backend_triton_forward_and_gradients_follow_the_2x_rule(dtype, w_dtype,
         assert_close_to_reference(g, gr, g64, name=name)
 
 
-def test_opcheck_including_strided_heads():
-    qkv = torch.randn(2, 5, 3, 2, 16, dtype=torch.bfloat16)
+def test_opcheck_including_strided_heads(device):
+    qkv = torch.randn(2, 5, 3, 2, 16, dtype=torch.bfloat16, device=device)
     q = qkv[:, :, 0].requires_grad_()  # (B, N, H, d) view of a fused projection, as in attention
-    w = torch.randn(16, requires_grad=True)
+    w = torch.randn(16, device=device, requires_grad=True)
     opcheck(torch.ops.fastdit.rms_norm.default, (q, w, EPS))
     opcheck(torch.ops.fastdit.rms_norm.default, (qkv.unbind(2)[1], w, EPS))
 

@@ -118,12 +118,13 @@ def test_backend_triton_follows_the_2x_rule(dtype, interleaved, device):
                               torch.autograd.grad(ref64, x64, dy.double())[0], name="dx")
 
 
-def test_opcheck():
-    qkv = torch.randn(2, 6, 3, 2, 16, dtype=torch.bfloat16)
+def test_opcheck(device):
+    qkv = torch.randn(2, 6, 3, 2, 16, dtype=torch.bfloat16, device=device)
     q = qkv.unbind(2)[0].requires_grad_()
     for interleaved in (True, False):
-        opcheck(torch.ops.fastdit.rope.default, (q, rope_freqs_2d(2, 3, 16), interleaved, False))
-    opcheck(torch.ops.fastdit.rope.default, (q, rope_freqs(torch.randint(0, 9, (2, 6, 1)), [16]), True, True))
+        opcheck(torch.ops.fastdit.rope.default, (q, rope_freqs_2d(2, 3, 16).to(device), interleaved, False))
+    freqs = rope_freqs(torch.randint(0, 9, (2, 6, 1)), [16]).to(device)
+    opcheck(torch.ops.fastdit.rope.default, (q, freqs, True, True))
 
 
 def test_bad_inputs_raise_clear_errors():
