@@ -176,12 +176,15 @@ class DiT(nn.Module):
         self._check_labels(y, B, force_drop_ids)
         tokens = self.x_embedder(x) + self.pos_embed_for(grid)
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
+        # residual carry: each block's MLP residual is added inside the next block's first fused op (and the
+        # last one inside the final layer's norm), not by a kernel of its own (see DiTBlock)
+        pending = None
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, c, use_reentrant=False)
+                tokens, pending = checkpoint(block, tokens, c, None, pending, True, use_reentrant=False)
             else:
-                tokens = block(tokens, c)
-        out = self.final_layer(tokens, c)
+                tokens, pending = block(tokens, c, None, pending, True)
+        out = self.final_layer(tokens, c, pending)
         return unpatchify(out, grid, self.config.patch_size, self.config.out_channels)
 
     def flops_per_sample(self, height: Optional[int] = None, width: Optional[int] = None, *,

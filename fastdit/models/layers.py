@@ -203,9 +203,14 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = AdaLNModulation(hidden_size, 2)
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, pending: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+        """``pending``: the last block's deferred MLP residual ``(y, gate)`` (DiTBlock's residual carry),
+        added to x inside the fused norm."""
         shift, scale = self.adaLN_modulation(c)
-        return self.linear(self.norm_final(x, shift, scale))
+        if pending is None:
+            return self.linear(self.norm_final(x, shift, scale))
+        _, h = self.norm_final.gated(x, pending[0], pending[1], shift, scale)
+        return self.linear(h)
 
 
 # ---------------------------------------------------------------------------------- initialisation

@@ -134,7 +134,8 @@ def sample_checkpoint(path: str, *, classes: Optional[Sequence[int]] = None,
                       guidance_interval: Optional[Tuple[float, float]] = None, seed: int = 0, batch_size: int = 64,
                       device: str = "auto", precision: Optional[str] = None, use_ema: bool = True,
                       output: Optional[str] = None, overwrite: bool = False, overrides: Sequence[str] = (),
-                      progress: bool = True, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)
+                      progress: bool = True, compile: bool = False,
+                      log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)
                       ) -> SampleResult:
     """Draw ``num_per_class`` guided samples per class id (DiT, or an MMDiT on label captions) or per prompt
     (an MMDiT whose run names its caption encoder) from the checkpoint at ``path``, and write the grid (one
@@ -146,8 +147,9 @@ def sample_checkpoint(path: str, *, classes: Optional[Sequence[int]] = None,
 
     ``overrides``: ``section.key=value`` strings applied to the run's stored config before the model is built
     (e.g. ``model.options.backend=reference``, ``data.options.display_scale=2``). Sample i gets the same noise
-    in any batch size. Errors: FileNotFoundError / ValueError (ConfigError, CheckpointError) with the path
-    and the problem.
+    in any batch size. ``compile``: run the sampling steps through compiled graphs (``sample(compile=True)``,
+    see :mod:`fastdit.diffusion.compiled`); the first batch of each size compiles, later ones reuse it.
+    Errors: FileNotFoundError / ValueError (ConfigError, CheckpointError) with the path and the problem.
     """
     from fastdit.backend import pick_device
     from fastdit.diffusion import PerSampleNoise, sample
@@ -219,7 +221,8 @@ def sample_checkpoint(path: str, *, classes: Optional[Sequence[int]] = None,
             cond, uncond = conditioner(part if prompts is not None else torch.tensor(part), device)
             chunks.append(sample(model, (len(part), *config.data.latent_shape), cond, uncond, cfg_scale, sampler,
                                  steps, guidance_interval=guidance_interval, objective=objective,
-                                 seed=seeds[lo:lo + len(part)], device=device, progress=progress).float().cpu())
+                                 seed=seeds[lo:lo + len(part)], device=device, progress=progress,
+                                 compile=compile).float().cpu())
     latents = torch.cat(chunks)
     with torch.no_grad():
         images = latents_to_images(latents.to(device), latent_space, display_scale(config)).cpu()
