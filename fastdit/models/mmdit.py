@@ -225,7 +225,7 @@ class ContextPreOnlyJointBlock(nn.Module):
         self.attn = ContextPreOnlyAttention(hidden_size, num_heads, qk_norm=qk_norm,
                                             rope_interleaved=rope_interleaved, backend=backend)
         self.norm2 = ModulatedLayerNorm(hidden_size, eps=1e-6, backend=backend)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), backend=backend)
         self.adaLN_modulation = AdaLNModulation(hidden_size, 6)
         self.txt_adaLN_modulation = AdaLNModulation(hidden_size, 2)
 

@@ -7,22 +7,32 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from fastdit.backend import resolve_backend
 from fastdit.modules.attention import JointAttention
 from fastdit.modules.norms import AdaLNModulation, ModulatedLayerNorm, RMSNorm
+from fastdit.ops._common import needs_grad
 from fastdit.ops.adaln import per_token
 from fastdit.ops.attention import _key_mask, joint_attention_qk
+from fastdit.ops.linear_gelu import linear_gelu
 
 
 class Mlp(nn.Module):
-    """``fc2(GELU_tanh(fc1(x)))``, with timm's keys ``fc1``, ``fc2`` (as in DiT)."""
+    """``fc2(GELU_tanh(fc1(x)))``, with timm's keys ``fc1``, ``fc2`` (as in DiT).
 
-    def __init__(self, dim: int, hidden_dim: int):
+    Where no gradient is needed on CUDA (inference, sampling) and the backend is not ``"reference"``, fc1 and
+    the GELU are one GEMM with cuBLASLt's GELU epilogue (:func:`fastdit.ops.linear_gelu`)."""
+
+    def __init__(self, dim: int, hidden_dim: int, backend: Optional[str] = None):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden_dim, dim)
+        self.backend = backend
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.is_cuda and not needs_grad(x, self.fc1.weight, self.fc1.bias) and \
+                resolve_backend(self.backend) != "reference":
+            return self.fc2(linear_gelu(x, self.fc1.weight, self.fc1.bias, backend=self.backend))
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -50,7 +60,7 @@ class DiTBlock(nn.Module):
                                    rope_interleaved=rope_interleaved, backend=backend)
         # mlp_norm_eps: the MLP-side LayerNorm's eps (diffusers' DiT port uses its norm_eps, 1e-5, there)
         self.norm2 = ModulatedLayerNorm(hidden_size, eps=mlp_norm_eps, backend=backend)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), backend=backend)
         self.adaLN_modulation = AdaLNModulation(hidden_size, 6)
 
     def forward(self, x: Tensor, c: Tensor, freqs: Optional[Tensor] = None,
@@ -92,8 +102,8 @@ class JointDiTBlock(nn.Module):
                                    rope_interleaved=rope_interleaved, backend=backend)
         self.norm2 = ModulatedLayerNorm(hidden_size, eps=1e-6, backend=backend)
         self.txt_norm2 = ModulatedLayerNorm(hidden_size, eps=1e-6, backend=backend)
-        self.mlp = Mlp(hidden_size, mlp_hidden)
-        self.txt_mlp = Mlp(hidden_size, mlp_hidden)
+        self.mlp = Mlp(hidden_size, mlp_hidden, backend=backend)
+        self.txt_mlp = Mlp(hidden_size, mlp_hidden, backend=backend)
         self.adaLN_modulation = AdaLNModulation(hidden_size, 6)
         self.txt_adaLN_modulation = AdaLNModulation(hidden_size, 6)
 

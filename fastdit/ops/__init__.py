@@ -10,6 +10,7 @@ from fastdit.ops.attention import (attention_path, attention_path_choices, joint
                                    set_attention_path_choices)
 from fastdit.ops.gated_adaln import (gated_residual_adaln, gated_residual_adaln_backward_ref,
                                      gated_residual_adaln_ref)
+from fastdit.ops.linear_gelu import linear_gelu, linear_gelu_ref
 from fastdit.ops.qk_norm_rotary import qk_norm_rope, qk_norm_rope_ref
 from fastdit.ops.rmsnorm import rms_norm, rms_norm_backward_ref, rms_norm_ref
 from fastdit.ops.rotary import rope, rope_, rope_freqs, rope_freqs_1d, rope_freqs_2d, rope_ref
@@ -20,6 +21,7 @@ __all__ = [
     "rms_norm", "rms_norm_ref", "rms_norm_backward_ref",
     "rope", "rope_", "rope_ref", "rope_freqs", "rope_freqs_1d", "rope_freqs_2d",
     "qk_norm_rope", "qk_norm_rope_ref",
+    "linear_gelu", "linear_gelu_ref",
     "joint_attention", "joint_attention_qk", "joint_attention_ref", "joint_attention_sdpa",
     "attention_path", "set_attention_path", "attention_path_choices", "set_attention_path_choices",
 ]
