@@ -1,14 +1,16 @@
 """Sampling: DiT-XL/2 rectified-flow sampling with classifier-free guidance, fastdit against stock PyTorch.
 
-``sample.dit-xl2.euler`` / ``sample.dit-xl2.heun`` (shape ``dit-xl2``): 64 images of 256 px (latents 4×32×32)
+``sample.dit-xl2.euler`` / ``sample.dit-xl2.heun`` (shape ``dit-xl2``): 32 images of 256 px (latents 4×32×32)
 per call, 50 Euler steps (50 model calls) or 50 Heun steps (100 calls), CFG scale 4 as one batched call of
-2 × 64 per model evaluation, bf16 autocast, state in float32, the same initial noise every call.
+2 × 32 per model evaluation, bf16 autocast, state in float32, the same initial noise every call.
 DiT-XL/2 with learned sigma and the null class (the official checkpoint layout), random weights (every
 path live), identical for every peer.
 
 Peers: ``fastdit`` (``fastdit.diffusion.sample`` on ``fastdit.models.DiT``, backend auto), ``fastdit-compile``
-(the same with the model through ``torch.compile``), ``eager`` / ``compile`` / ``compile-max-autotune``
-(``stock.stock_flow_sample``, a plain loop, on ``stock.StockDiT``). Quick: 2 steps of a one-block DiT.
+(the same with the model through ``torch.compile``), ``fastdit-compiled-step`` (``sample(...,
+compile=True)``: the guided step as one graph, CUDA graphs on a GPU), ``eager`` / ``compile`` /
+``compile-reduce-overhead`` / ``compile-max-autotune`` (``stock.stock_flow_sample``, a plain loop, on
+``stock.StockDiT``). Quick: 2 steps of a one-block DiT.
 
 Items = images per call. FLOPs = model calls × 2B × ``DiT.flops_per_sample()`` (forward). Check: the
 samples against the float32 stock sampler from the same noise, ‖Δ‖/‖ref‖ ≤ 5% under bf16 (1e-4 in fp32).
@@ -24,7 +26,7 @@ from fastdit.bench.stock import (autocast, check_samples, compiled, cpu_state, f
 GROUP = "sample"
 CFG_SCALE = 4.0
 
-SHAPES = {"dit-xl2": dict(depth=28, hidden=1152, heads=16, latent=32, batch=64, steps=50)}
+SHAPES = {"dit-xl2": dict(depth=28, hidden=1152, heads=16, latent=32, batch=32, steps=50)}
 QUICK = {"dit-xl2": dict(depth=1, hidden=128, heads=2, latent=8, batch=2, steps=2)}
 
 
@@ -61,12 +63,13 @@ def make_sampler(sampler: str):
         def ours(mode: str = "none"):
             def build():
                 model = fastdit_model()
-                call = model if mode == "none" else compiled(model)
+                call = compiled(model) if mode == "model" else model
 
                 def run():
                     with autocast(ctx):
                         return sample(call, noise.shape, cond={"y": y}, uncond={"y": null}, cfg_scale=CFG_SCALE,
-                                      sampler=sampler, steps=steps, noise=noise, device=ctx.device, progress=False)
+                                      sampler=sampler, steps=steps, noise=noise, device=ctx.device, progress=False,
+                                      compile=mode == "step")
                 return run
             return build
 
@@ -81,8 +84,11 @@ def make_sampler(sampler: str):
                 return run
             return build
 
-        peers = [Peer("fastdit", ours()), Peer("fastdit-compile", ours("default")),
-                 Peer("eager", theirs()), Peer("compile", theirs("default"))]
+        peers = [Peer("fastdit", ours()), Peer("fastdit-compile", ours("model")),
+                 Peer("fastdit-compiled-step", ours("step")), Peer("eager", theirs()),
+                 Peer("compile", theirs("default"))]
+        if ctx.device.type == "cuda":  # CUDA graphs
+            peers.append(Peer("compile-reduce-overhead", theirs("reduce-overhead")))
         peers.append(max_autotune_peer(ctx, theirs(MAX_AUTOTUNE)))
 
         def reference():
@@ -99,5 +105,5 @@ def make_sampler(sampler: str):
 
 for _sampler in ("euler", "heun"):
     register(Case(group=GROUP, name=f"sample.dit-xl2.{_sampler}", shapes=dict(SHAPES), quick_shapes=dict(QUICK),
-                  make=make_sampler(_sampler), peers=("fastdit", "fastdit-compile", "eager", "compile",
-                                                      "compile-max-autotune")))
+                  make=make_sampler(_sampler), peers=("fastdit", "fastdit-compile", "fastdit-compiled-step", "eager",
+                                                      "compile", "compile-reduce-overhead", "compile-max-autotune")))
