@@ -37,7 +37,24 @@ def op_paths(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
             paths[name] = "triton" if fast else ("sdpa (reference)" if name == "joint_attention" else "reference")
         except ValueError as err:
             paths[name] = f"error: {err}"
+    from fastdit.ops.linear_gelu import fast_path_reason
+    with torch.no_grad():
+        try:
+            gelu_fast = use_triton("linear_gelu", None, lambda: fast_path_reason(x, x[0], None), True)
+            paths["linear_gelu (MLP fc1 + GELU, inference)"] = \
+                "cuBLASLt GELU epilogue" if gelu_fast else "reference (linear, then GELU)"
+        except ValueError as err:
+            paths["linear_gelu (MLP fc1 + GELU, inference)"] = f"error: {err}"
     return paths
+
+
+def compiled_ops() -> str:
+    """What torch.compile makes of the library ops in this process."""
+    from fastdit.ops._common import traceable_kernels
+
+    if traceable_kernels():
+        return "triton_op: on CUDA, Inductor launches fastdit's kernels from its generated code"
+    return "opaque custom ops (Triton's interpreter, or no Triton): called as Python ops from compiled code"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "default_backend": get_backend(),
         "op_paths (bf16 inputs)": op_paths(device),
+        "under torch.compile": compiled_ops(),
     }
     print(json.dumps(info, indent=2))
     return 0
