@@ -33,6 +33,7 @@ from fastdit.models.layers import (FinalLayer, PatchEmbed, Size2, TimestepEmbedd
                                    init_dit_weights_, sincos_1d, sincos_2d, unpatchify)
 from fastdit.modules import (AdaLNModulation, JointAttention, JointDiTBlock, Mlp, ModulatedLayerNorm, RMSNorm,
                              SingleStreamDiTBlock)
+from fastdit.modules.blocks import add_pending, modulated_input
 from fastdit.ops.adaln import per_token
 from fastdit.ops.attention import joint_attention
 from fastdit.ops.qk_norm_rotary import qk_norm_rope
@@ -230,13 +231,21 @@ class ContextPreOnlyJointBlock(nn.Module):
         self.txt_adaLN_modulation = AdaLNModulation(hidden_size, 2)
 
     def forward(self, x: Tensor, context: Tensor, c: Tensor, txt_mask: Optional[Tensor] = None,
-                img_freqs: Optional[Tensor] = None, txt_freqs: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                img_freqs: Optional[Tensor] = None, txt_freqs: Optional[Tensor] = None,
+                pending: Optional[Tuple] = None, defer_residual: bool = False):
+        """As :class:`JointDiTBlock` (residual carry included); the caption stream ends here, so a deferred
+        result carries the image residual only: ``(x, context, ((y, gate), None))``."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)
         t_shift, t_scale = self.txt_adaLN_modulation(c)
-        attn_x, _ = self.attn(self.norm1(x, shift1, scale1), self.txt_norm1(context, t_shift, t_scale),
-                              txt_mask, img_freqs, txt_freqs)
+        img_pending, txt_pending = pending if pending is not None else (None, None)
+        x, h = modulated_input(self.norm1, x, img_pending, shift1, scale1)
+        context, hc = modulated_input(self.txt_norm1, context, txt_pending, t_shift, t_scale)
+        attn_x, _ = self.attn(h, hc, txt_mask, img_freqs, txt_freqs)
         x, h = self.norm2.gated(x, attn_x, gate1, shift2, scale2)
-        return x + per_token(gate2) * self.mlp(h), context
+        y = self.mlp(h)
+        if defer_residual:
+            return x, context, ((y, gate2), None)
+        return x + per_token(gate2) * y, context
 
 
 def caption_mask(context_mask: Optional[Tensor], batch: int, length: int, device: torch.device,
@@ -452,13 +461,26 @@ class MMDiT(nn.Module):
         if guidance is not None:
             c = c + self.guidance_embedder(guidance)
         c = c + self.pooled_embedder(pooled)
-        for block in (*self.blocks, *self.single_blocks):
-            # caption tokens carry no position: their RoPE (Flux's ids 0) is the identity, i.e. no table
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+        # caption tokens carry no position: their RoPE (Flux's ids 0) is the identity, i.e. no table.
+        # Residual carry through the joint blocks (see DiTBlock): each one's MLP residuals are added inside
+        # the next one's first fused norms, the last image residual inside the final layer's norm.
+        checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
+        pending = None
+        for block in self.blocks:
+            if checkpointed:
+                img, txt, pending = checkpoint(block, img, txt, c, mask, img_freqs, None, pending, True,
+                                               use_reentrant=False)
+            else:
+                img, txt, pending = block(img, txt, c, mask, img_freqs, None, pending, True)
+        if self.single_blocks and pending is not None:
+            img, txt = add_pending(img, pending[0]), add_pending(txt, pending[1])
+            pending = None
+        for block in self.single_blocks:
+            if checkpointed:
                 img, txt = checkpoint(block, img, txt, c, mask, img_freqs, None, use_reentrant=False)
             else:
                 img, txt = block(img, txt, c, mask, img_freqs, None)
-        out = self.final_layer(img, c)
+        out = self.final_layer(img, c, None if pending is None else pending[0])
         return unpatchify(out, grid, self.config.patch_size, self.config.out_channels)
 
     def flops_per_sample(self, height: Optional[int] = None, width: Optional[int] = None, *, caption_len: int,

@@ -90,6 +90,9 @@ class JointDiTBlock(nn.Module):
 
     ``forward(x, context, c, txt_mask=None, img_freqs=None, txt_freqs=None) -> (x, context)``:
     x (B, N_img, dim), context (B, N_txt, dim), c (B, dim); txt_mask bool (B, N_txt) or lengths (B,).
+    ``pending`` / ``defer_residual``: the residual carry of :class:`DiTBlock`, per stream: ``pending`` is
+    ``((y_img, gate_img), (y_txt, gate_txt))`` (an entry may be None), and with ``defer_residual`` the block
+    returns ``(x, context, pending)`` with its own MLP residuals deferred.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *, qk_norm: bool = True,
@@ -108,14 +111,34 @@ class JointDiTBlock(nn.Module):
         self.txt_adaLN_modulation = AdaLNModulation(hidden_size, 6)
 
     def forward(self, x: Tensor, context: Tensor, c: Tensor, txt_mask: Optional[Tensor] = None,
-                img_freqs: Optional[Tensor] = None, txt_freqs: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                img_freqs: Optional[Tensor] = None, txt_freqs: Optional[Tensor] = None,
+                pending: Optional[Tuple] = None, defer_residual: bool = False):
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.adaLN_modulation(c)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_adaLN_modulation(c)
-        attn_x, attn_c = self.attn(self.norm1(x, i_shift1, i_scale1), self.txt_norm1(context, t_shift1, t_scale1),
-                                   txt_mask, img_freqs, txt_freqs)
+        img_pending, txt_pending = pending if pending is not None else (None, None)
+        x, h = modulated_input(self.norm1, x, img_pending, i_shift1, i_scale1)
+        context, hc = modulated_input(self.txt_norm1, context, txt_pending, t_shift1, t_scale1)
+        attn_x, attn_c = self.attn(h, hc, txt_mask, img_freqs, txt_freqs)
         x, h = self.norm2.gated(x, attn_x, i_gate1, i_shift2, i_scale2)
         context, hc = self.txt_norm2.gated(context, attn_c, t_gate1, t_shift2, t_scale2)
-        return x + per_token(i_gate2) * self.mlp(h), context + per_token(t_gate2) * self.txt_mlp(hc)
+        y, yc = self.mlp(h), self.txt_mlp(hc)
+        if defer_residual:
+            return x, context, ((y, i_gate2), (yc, t_gate2))
+        return x + per_token(i_gate2) * y, context + per_token(t_gate2) * yc
+
+
+def modulated_input(norm: ModulatedLayerNorm, x: Tensor, pending: Optional[Tuple[Tensor, Tensor]], shift: Tensor,
+                    scale: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(x, norm(x))``, or with a deferred residual ``(y, gate)``: ``(x + gate*y, norm(x + gate*y))`` in one
+    fused op (the residual carry)."""
+    if pending is None:
+        return x, norm(x, shift, scale)
+    return norm.gated(x, pending[0], pending[1], shift, scale)
+
+
+def add_pending(x: Tensor, pending: Optional[Tuple[Tensor, Tensor]]) -> Tensor:
+    """``x + gate*y`` for a deferred residual ``(y, gate)`` (where no fused op follows to take it)."""
+    return x if pending is None else x + per_token(pending[1]) * pending[0]
 
 
 class SingleStreamDiTBlock(nn.Module):

@@ -121,6 +121,47 @@ def test_residual_carry_matches_adding_the_residual_in_each_block(backend, dtype
 
 
 @pytest.mark.parametrize("backend,dtype", CASES[:1] + CASES[2:3])
+def test_joint_residual_carry_matches_adding_the_residuals_in_each_block(backend, dtype, stock, device):
+    """Two joint blocks with both streams' MLP residuals deferred into the next block's fused norms (what
+    MMDiT.forward does), resolved at the end, against the blocks adding them: outputs and every gradient."""
+    from fastdit.modules.blocks import add_pending
+
+    D = 128
+
+    def blocks_with(b):
+        return torch.nn.ModuleList(JointDiTBlock(D, 2, backend=b) for _ in range(2))
+
+    blocks64 = stock.randomize_(blocks_with("reference"), std=0.1).to(device, torch.float64)
+    blocks = blocks_with(backend).to(device, dtype)
+    blocks.load_state_dict(blocks64.state_dict())
+    inputs64 = [torch.randn(2, 9, D, dtype=torch.float64, device=device),
+                torch.randn(2, 5, D, dtype=torch.float64, device=device),
+                torch.randn(2, D, dtype=torch.float64, device=device)]
+    mask = torch.tensor([2, 5], device=device)
+    freqs = rope_freqs_2d(3, 3, D // 2, device=device)
+
+    def run(parts, dt, carry):
+        x, ctx, c = (t.to(dt).requires_grad_() for t in inputs64)
+        h, hc, pending = x, ctx, None
+        for block in parts:
+            if carry:
+                h, hc, pending = block(h, hc, c, mask, freqs, None, pending, True)
+            else:
+                h, hc = block(h, hc, c, mask, freqs, None)
+        if carry:
+            h, hc = add_pending(h, pending[0]), add_pending(hc, pending[1])
+        out = torch.cat([h, hc], 1)
+        return (out, *_grads_by_name((out * out).sum(), [x, ctx, c], parts))
+
+    carried, plain, truth = run(blocks, dtype, True), run(blocks, dtype, False), run(blocks64, torch.float64, False)
+    _check_like_stock(carried[0], plain[0], truth[0], "out")
+    for i, name in enumerate(("dx", "dcontext", "dc")):
+        _check_like_stock(carried[1][i], plain[1][i], truth[1][i], name)
+    for name, grad in carried[2].items():
+        _check_like_stock(grad, plain[2][name], truth[2][name], "d" + name)
+
+
+@pytest.mark.parametrize("backend,dtype", CASES[:1] + CASES[2:3])
 @pytest.mark.parametrize("N_img,N_txt", [(9, 5), (1, 77), (6, 1)])
 def test_joint_block_matches_a_stock_mmdit_block(backend, dtype, N_img, N_txt, stock, device):
     d, heads = 128, 2
