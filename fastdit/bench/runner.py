@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from fastdit.bench.registry import Case, Context, Workload
+from fastdit.bench.registry import Case, Context, Peer, Workload
 from fastdit.bench.timing import ceilings as measure_ceilings
 from fastdit.bench.timing import environment, peak_memory, time_callable, time_cuda_graph
 
@@ -252,12 +252,13 @@ def _reset_compiled_code() -> None:
 
 def run(cases: Sequence[Case], ctx: Context, *, progress: bool = True, graph: bool = False,
         settings: Optional[Dict[str, Any]] = None, ceilings: Optional[Dict[str, Any]] = None,
-        on_row: Optional[Callable[[Dict[str, Any]], None]] = None) -> BenchRun:
+        on_row: Optional[Callable[[Dict[str, Any]], None]] = None, skip_peers: Sequence[str] = ()) -> BenchRun:
     """Run every shape of every case (``case.shapes_for(ctx)``) on ``ctx.device`` and return the record.
 
     ``graph``: also time each peer's CUDA-graph replay (GPU only). ``settings``: extra JSON-able values to
     keep in the record (the command line's choices). ``ceilings``: reuse figures measured earlier instead
-    of measuring them now. ``on_row`` is called with each finished row."""
+    of measuring them now. ``on_row`` is called with each finished row. ``skip_peers``: peer names not to
+    run (recorded as skipped, e.g. ``compile-max-autotune``, whose autotuning takes minutes per shape)."""
     start = time.perf_counter()
     record = BenchRun(environment=environment(ctx.device),
                       ceilings=ceilings if ceilings is not None else measure_ceilings(ctx, ctx.quick),
@@ -279,6 +280,8 @@ def run(cases: Sequence[Case], ctx: Context, *, progress: bool = True, graph: bo
                     release_memory(ctx)
                 bar.advance()
             else:
+                workload.peers = [Peer(p.name, None, "skipped on request (--skip-peers)") if p.name in skip_peers
+                                  else p for p in workload.peers]
                 if workload.peers:
                     bar.grow(len(workload.peers) - 1)
                 else:

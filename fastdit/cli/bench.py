@@ -46,6 +46,8 @@ def parser(prog: str = "fastdit bench") -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    p.add_argument("--skip-peers", default="", metavar="NAMES",
+                   help="comma-separated peers not to run, recorded as skipped (e.g. compile-max-autotune)")
     return p
 
 
@@ -129,7 +131,14 @@ def main(argv: Optional[List[str]] = None, prog: str = "fastdit bench") -> int:
         return 2
     default = Path("benchmarks") / "results" / f"{gpu_slug(ctx.device)}_{datetime.date.today().isoformat()}"
     out = unused_folder(args.out if args.out else default)
-    settings = {"groups": args.group, "shapes": args.shape, "quick": ctx.quick,
+    skip_peers = [name.strip() for name in args.skip_peers.split(",") if name.strip()]
+    known = {peer for case in cases for peer in case.peers}
+    unknown = sorted(set(skip_peers) - known)
+    if unknown and all(case.peers for case in cases):  # every case names its peers: a typo is an error
+        print(f"{prog}: error: --skip-peers: no selected case has a peer named {', '.join(unknown)} "
+              f"(peers: {', '.join(sorted(known))})", file=sys.stderr)
+        return 2
+    settings = {"groups": args.group, "shapes": args.shape, "quick": ctx.quick, "skip_peers": skip_peers,
                 "argv": list(sys.argv[1:] if argv is None else argv)}
     threads = torch.get_num_threads()
     if device == "cpu":
@@ -137,7 +146,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "fastdit bench") -> int:
         # make every call many times slower (and the run with it)
         torch.set_num_threads(1)
     try:
-        record = run(cases, ctx, progress=not args.no_progress, graph=args.graph, settings=settings)
+        record = run(cases, ctx, progress=not args.no_progress, graph=args.graph, settings=settings,
+                     skip_peers=skip_peers)
     finally:
         torch.set_num_threads(threads)
     paths = write_report(record, out)

@@ -121,3 +121,26 @@ def test_a_real_quick_kernels_run_on_the_cpu(tmp_path, capsys):
         assert ours["status"] == "ok" and ours["check"] == "passed", (row["name"], row["shape"], ours)
     assert (out / "summary.md").read_text().count("| kernels |") == len(data["rows"])
     assert CPU_WARNING in capsys.readouterr().err
+
+
+def test_skip_peers_records_the_skip_and_rejects_unknown_names(monkeypatch, capsys, tmp_path):
+    ran = []
+
+    def make(ctx, shape, params):
+        x = ctx.randn(4)
+        return Workload("kernels", "fake.skip", shape, "n=4",
+                        [Peer("fastdit", lambda: (lambda: ran.append("fastdit") or x)),
+                         Peer("slow-peer", lambda: (lambda: ran.append("slow-peer") or x))],
+                        reference=lambda: x, check=lambda r, ref: (bool(torch.equal(r, ref)), "exact"))
+
+    monkeypatch.setattr(registry, "all_cases", lambda: [Case("kernels", "fake.skip", {"a": 0}, {"a": 0}, make,
+                                                             peers=("fastdit", "slow-peer"))])
+    assert main(CPU + ["--skip-peers", "slow-peer", "--out", str(tmp_path / "skip")]) == 0
+    assert "slow-peer" not in ran and "fastdit" in ran
+    record = json.loads((tmp_path / "skip" / "bench.json").read_text())
+    peers = {p["name"]: p for p in record["rows"][0]["peers"]}
+    assert peers["slow-peer"]["status"] == "skipped" and "--skip-peers" in peers["slow-peer"]["reason"]
+    assert record["settings"]["skip_peers"] == ["slow-peer"]
+    assert main(CPU + ["--skip-peers", "slow-perr", "--out", str(tmp_path / "typo")]) == 2
+    assert "--skip-peers: no selected case has a peer named slow-perr (peers: fastdit, slow-peer)" in \
+        capsys.readouterr().err
