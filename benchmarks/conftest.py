@@ -2,8 +2,9 @@
 
     pytest benchmarks --fastdit-json benchmarks/results/<date>_<gpu>_<what>/bench.json --fastdit-md benchmarks/results/<date>_<gpu>_<what>/bench.md
 
-The ``gpu_bench`` fixture times a callable with do_bench (the recorded figure) and hands the same
-callable to pytest-benchmark with a CUDA-synchronising clock (its own table is a cross-check).
+The ``gpu_bench`` fixture times a callable with ``fastdit.bench.timing.time_callable`` (do_bench: the
+recorded figure) and ``time_cuda_graph``, and hands the same callable to pytest-benchmark with a
+CUDA-synchronising clock (its own table is a cross-check). The ceilings are ``fastdit.bench.timing``'s.
 """
 from __future__ import annotations
 
@@ -15,15 +16,23 @@ from typing import Callable, Optional
 import pytest
 import torch
 
+from fastdit.bench.registry import Context
+from fastdit.bench.timing import measure_copy_bandwidth, measure_matmul_rate, time_callable, time_cuda_graph
+
 sys.path.insert(0, os.path.dirname(__file__))  # for `harness` (benchmarks/ is not a package)
-from harness import (Recorder, Result, measure_copy_bandwidth, measure_matmul_rate, time_cuda,  # noqa: E402
-                     time_cuda_graph)
+from harness import Recorder, Result  # noqa: E402
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("fastdit")
     group.addoption("--fastdit-json", default=None, help="write the session's results as JSON here")
     group.addoption("--fastdit-md", default=None, help="write the session's results as a markdown table here")
+
+
+def pytest_configure(config):
+    # pytest-benchmark (the `bench` extra) registers this marker; without it, --strict-markers (pyproject)
+    # would fail the collection below on a machine that only collects or skips these tests
+    config.addinivalue_line("markers", "benchmark(**kwargs): pytest-benchmark's options for one test")
 
 
 def cuda_synchronized_clock() -> float:
@@ -64,15 +73,21 @@ def randn():
 
 
 @pytest.fixture(scope="session")
-def ceilings():
+def bench_context() -> Context:
+    """fastdit.bench's context on the current CUDA device, full (not quick) timing."""
+    return Context.create("cuda", quick=False)
+
+
+@pytest.fixture(scope="session")
+def ceilings(bench_context):
     if not _RECORDER.ceilings:
-        _RECORDER.ceilings["copy_GBps"] = measure_copy_bandwidth()
-        _RECORDER.ceilings["bf16_matmul_TFLOPs"] = measure_matmul_rate()
+        _RECORDER.ceilings["copy_GBps"] = measure_copy_bandwidth(bench_context, quick=False)
+        _RECORDER.ceilings["bf16_matmul_TFLOPs"] = measure_matmul_rate(bench_context, quick=False)
     return _RECORDER.ceilings
 
 
 @pytest.fixture
-def gpu_bench(benchmark, ceilings):
+def gpu_bench(benchmark, ceilings, bench_context):
     """``gpu_bench(build, group=, impl=, shape=, bytes=None, flops=None, graph=True, **extra) -> Result``.
 
     ``build()`` makes the callable to time (called again on the capture stream for ``ms_graph``, the
@@ -81,7 +96,8 @@ def gpu_bench(benchmark, ceilings):
     def run(build: Callable[[], Callable[[], object]], *, group: str, impl: str, shape: str,
             bytes: Optional[float] = None, flops: Optional[float] = None, graph: bool = True, **extra) -> Result:
         fn = build()
-        ms, p20, p80 = time_cuda(fn)
+        timing = time_callable(fn, bench_context, quick=False)  # do_bench: median, p20, p80; L2 flushed
+        ms, p20, p80 = timing.ms, timing.p20, timing.p80
         ms_graph, graph_error = time_cuda_graph(build) if graph else (None, None)
         if graph_error:
             extra["graph_error"] = graph_error

@@ -207,8 +207,8 @@ def main(argv=None) -> int:
                   "gpus": N, "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
                   "torch": torch.__version__, "summary": summary, "runs": list(runs.values()), "curves": curves}
         try:
-            from harness import environment
-            record = {**environment(), **record}
+            from fastdit.bench.timing import environment
+            record = {**environment(args.device), **record}
         except Exception as err:  # the record is still useful without the environment block
             record["environment_error"] = repr(err)
         (out / "ddp_scaling.json").write_text(json.dumps(record, indent=1) + "\n")

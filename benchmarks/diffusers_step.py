@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     record: Dict = {"benchmark": "diffusers_step", "tiny": args.tiny, "steps": args.steps, "warmup": args.warmup, "backend": args.backend,
                     "diffusers": diffusers.__version__, "models": {}}
     if device.type == "cuda":
-        from harness import environment
+        from fastdit.bench.timing import environment
         record = {**environment(), **record}
         record["timer"] = "wall time per step, device synchronised at both ends; median of the timed steps"
     if args.row_out:  # a child of isolated_variant: one model, one variant

@@ -1,22 +1,27 @@
-"""GPU benchmark harness: timing, rooflines, and the JSON/markdown record of a run.
+"""GPU benchmark harness of the pytest suite (``benchmarks/test_*.py``): the :class:`Result` of one timed
+callable, the :class:`Recorder` that writes a session's results as JSON and a markdown table, and
+:func:`direction_builder` (fwd / bwd / fwd+bwd with fixed random cotangents).
 
-The figure of record is ``triton.testing.do_bench``: CUDA events around each call, L2 flushed between
-calls, median over ~``rep_ms`` of repeats (with the 20th/80th percentiles as the spread). Each result
-carries the bytes or FLOPs it must move or do, so it is reported as GB/s or TFLOP/s and as a fraction
-of the ceilings (device copy bandwidth, bf16 matmul rate) measured in the same process.
+Everything else has one implementation, in ``fastdit.bench`` (shared with ``fastdit bench``), which the
+benchmark scripts import directly: ``fastdit.bench.timing.time_callable`` (the figure of record,
+``triton.testing.do_bench``: CUDA events around each call, L2 flushed between calls, median over ~100 ms of
+repeats with the 20th/80th percentiles as the spread), ``time_cuda_graph`` (CUDA-graph replay),
+``measure_copy_bandwidth`` / ``measure_matmul_rate`` (the ceilings, measured in the same process) and
+``environment`` (the record of what ran); ``fastdit.bench.stock.direction_call`` is what
+:func:`direction_builder` builds. Each result carries the bytes or FLOPs it must move or do, so it is
+reported as GB/s or TFLOP/s and as a fraction of those ceilings.
 """
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import platform
-import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
+
+from fastdit.bench.stock import DIRECTIONS, direction_call
+from fastdit.bench.timing import environment
 
 
 @dataclass
@@ -36,25 +41,14 @@ class Result:
     extra: Dict[str, object] = field(default_factory=dict)
 
 
-def time_cuda(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100):
-    """(median, p20, p80) milliseconds of ``fn`` on the GPU, via triton's do_bench."""
-    from triton.testing import do_bench
-
-    median, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-    return float(median), float(p20), float(p80)
-
-
-from fastdit.bench.timing import time_cuda_graph  # noqa: E402,F401  (one copy: the bench package's)
-
-
 _COTANGENTS: Dict[tuple, torch.Tensor] = {}
 
 
-def grad_with_fixed_cotangents(outs, inputs, retain_graph: bool = False):
-    """Gradients of ``outs`` w.r.t. ``inputs`` with fixed random cotangents: one tensor per output (two
-    outputs sharing one would let a kernel read it from cache the second time), made on first use
-    (in the warm-up), never inside a timed call."""
-    outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
+def fixed_cotangents(outs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Fixed random cotangents for ``outs``: one tensor per output (two outputs sharing one would let a
+    kernel read it from cache the second time), made on first use for each (position, shape, dtype,
+    device) from a generator seeded with 1 + position, and the same tensors ever after (in the timed
+    call and in the CUDA-graph capture alike)."""
     cotangents = []
     for index, out in enumerate(outs):
         key = (index, tuple(out.shape), out.dtype, out.device)
@@ -63,69 +57,22 @@ def grad_with_fixed_cotangents(outs, inputs, retain_graph: bool = False):
             generator.manual_seed(1 + index)
             _COTANGENTS[key] = torch.randn(out.shape, dtype=out.dtype, device=out.device, generator=generator)
         cotangents.append(_COTANGENTS[key])
-    return torch.autograd.grad(outs, inputs, cotangents, retain_graph=retain_graph)
+    return cotangents
 
 
-def direction_builder(direction: str, forward: Callable, inputs, extra_args=()) -> Callable[[], Callable[[], object]]:
-    """``build`` for the ``gpu_bench`` fixture: ``"fwd"`` (under no_grad), ``"fwd+bwd"``, or ``"bwd"`` alone
-    (the forward runs once, inside ``build``, on the stream that will replay the backward)."""
+def direction_builder(direction: str, forward: Callable, inputs: Sequence[torch.Tensor],
+                      extra_args: Sequence[Any] = ()) -> Callable[[], Callable[[], object]]:
+    """``build`` for the ``gpu_bench`` fixture: ``"fwd"`` (under no_grad), ``"fwd+bwd"`` (gradients w.r.t.
+    ``inputs``, not ``extra_args``, with :func:`fixed_cotangents`), or ``"bwd"`` alone (the forward runs
+    once, inside ``build``, on the stream that will replay the backward). The callable is
+    ``fastdit.bench.stock.direction_call``'s."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be fwd, bwd or fwd+bwd, got {direction!r}")
+    inputs, extra_args = list(inputs), tuple(extra_args)
+
     def build():
-        if direction == "fwd":
-            def run():
-                with torch.no_grad():
-                    return forward(*inputs, *extra_args)
-            return run
-        if direction == "fwd+bwd":
-            return lambda: grad_with_fixed_cotangents(forward(*inputs, *extra_args), inputs)
-        if direction != "bwd":
-            raise ValueError(f"direction must be fwd, bwd or fwd+bwd, got {direction!r}")
-        outs = forward(*inputs, *extra_args)
-        return lambda: grad_with_fixed_cotangents(outs, inputs, retain_graph=True)
+        return direction_call(direction, forward, inputs, fixed_cotangents, extra_args)
     return build
-
-
-def environment() -> Dict[str, object]:
-    import triton
-
-    import fastdit
-
-    commit = os.environ.get("FASTDIT_GIT_COMMIT")  # set by the caller where the tree travels without .git
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            commit = None
-    props = torch.cuda.get_device_properties(0)
-    return {
-        "gpu": torch.cuda.get_device_name(0),
-        "sm_count": props.multi_processor_count,
-        "gpu_memory_GiB": round(props.total_memory / 2**30, 1),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "fastdit": fastdit.__version__,
-        "git_commit": commit,
-        "date": datetime.date.today().isoformat(),
-        "timer": "triton.testing.do_bench median (CUDA events, L2 flushed between calls)",
-    }
-
-
-def measure_copy_bandwidth() -> float:
-    """Device-to-device copy of 1 GiB, counting bytes read + written, in GB/s."""
-    x = torch.randn(2**29, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty_like(x)
-    ms, _, _ = time_cuda(lambda: y.copy_(x), rep_ms=200)
-    return 2 * 2**30 / ms / 1e6
-
-
-def measure_matmul_rate(n: int = 8192) -> float:
-    """bf16 n×n×n matmul on random data, TFLOP/s."""
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    ms, _, _ = time_cuda(lambda: a @ b, rep_ms=300)
-    return 2 * n**3 / ms / 1e9
 
 
 class Recorder:
@@ -134,16 +81,23 @@ class Recorder:
     def __init__(self):
         self.results: List[Result] = []
         self.ceilings: Dict[str, float] = {}
+        self._environment: Optional[Dict[str, Any]] = None
+
+    def environment(self) -> Dict[str, Any]:
+        """``fastdit.bench.timing.environment()``, taken once per session."""
+        if self._environment is None:
+            self._environment = environment()
+        return self._environment
 
     def add(self, result: Result) -> Result:
         self.results.append(result)
         return result
 
     def to_json(self) -> Dict[str, object]:
-        return {**environment(), "ceilings": self.ceilings, "results": [asdict(r) for r in self.results]}
+        return {**self.environment(), "ceilings": self.ceilings, "results": [asdict(r) for r in self.results]}
 
     def markdown(self) -> str:
-        env = environment()
+        env = self.environment()
         lines = [f"GPU: {env['gpu']} · torch {env['torch']} · triton {env['triton']} · CUDA {env['cuda']} · "
                  f"{env['date']} · ceilings: " + ", ".join(f"{k} {v:,.0f}" for k, v in self.ceilings.items()), ""]
         groups: Dict[str, List[Result]] = {}

@@ -44,6 +44,7 @@ from stock_models import StockDiT, StockJointStack  # noqa: E402
 
 from fastdit.models import DiT  # noqa: E402
 from fastdit.modules import JointDiTBlock  # noqa: E402
+from fastdit.modules.blocks import add_pending  # noqa: E402
 from fastdit.ops.rotary import rope_freqs_1d, rope_freqs_2d  # noqa: E402
 
 H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16, SXM: the MFU denominator the baseline used
@@ -244,9 +245,10 @@ class FastditJointStack(torch.nn.Module):
         self.out = torch.nn.Linear(dim, out_features)
 
     def forward(self, x, c, t, img_freqs, txt_freqs):
+        pending = None  # the residual carry, as MMDiT.forward
         for block in self.blocks:
-            x, c = block(x, c, t, None, img_freqs, txt_freqs)
-        return self.out(x)
+            x, c, pending = block(x, c, t, None, img_freqs, txt_freqs, pending, True)
+        return self.out(add_pending(x, pending[0]))
 
 
 def mmdit_variants(args, device) -> List[Dict]:
@@ -347,7 +349,7 @@ def main(argv=None) -> int:
     record = {"benchmark": f"train_step.{args.model}", "tiny": args.tiny, "attention_path": args.attention_path, "steps": args.steps,
               "warmup": args.warmup, "results": results}
     if device.type == "cuda":
-        from harness import environment
+        from fastdit.bench.timing import environment
         record = {**environment(), **record}
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

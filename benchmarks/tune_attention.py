@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 import triton
 
-sys.path.insert(0, os.path.dirname(__file__))
-from harness import environment  # noqa: E402
-
-from fastdit.kernels.attention import Stream, _config, attention_bwd, attention_fwd  # noqa: E402
+from fastdit.bench.timing import environment
+from fastdit.kernels.attention import Stream, _config, attention_bwd, attention_fwd
 
 SHAPES = {"flux1024": (1, 24, 4096, 512, 128), "sd3_1024": (2, 24, 4096, 154, 64), "dit-xl256": (64, 16, 256, 0, 72),
           "dit512": (8, 16, 1024, 0, 64), "long": (1, 24, 16384, 0, 128)}

@@ -12,17 +12,15 @@ import argparse
 import itertools
 import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from harness import environment, measure_copy_bandwidth, time_cuda_graph  # noqa: E402
-
-from fastdit.kernels.adaln import adaln_bwd, adaln_fwd  # noqa: E402
-from fastdit.kernels.qk_norm_rope import qk_norm_rope_bwd, qk_norm_rope_fwd  # noqa: E402
-from fastdit.ops import rope_freqs_2d  # noqa: E402
+from fastdit.bench.registry import Context
+from fastdit.bench.timing import environment, measure_copy_bandwidth, time_cuda_graph
+from fastdit.kernels.adaln import adaln_bwd, adaln_fwd
+from fastdit.kernels.qk_norm_rope import qk_norm_rope_bwd, qk_norm_rope_fwd
+from fastdit.ops import rope_freqs_2d
 
 ADALN_SHAPES = [(64, 256, 1152), (2, 4096, 3072), (8, 4608, 1536)]
 QK_SHAPES = [(2, 4608, 24, 128), (64, 256, 16, 72)]  # (B, N, H, d)
@@ -141,7 +139,7 @@ def main():
     parser.add_argument("parts", nargs="*", default=["overhead", "adaln", "qk"])
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
-    copy = measure_copy_bandwidth()
+    copy = measure_copy_bandwidth(Context.create("cuda"), quick=False)
     print(f"copy bandwidth {copy:,.0f} GB/s on {torch.cuda.get_device_name()}")
     results = []
     for part, run in (("overhead", lambda: host_overhead(results)), ("adaln", lambda: tune_adaln(results, copy)),

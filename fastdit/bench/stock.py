@@ -157,29 +157,45 @@ def as_tuple(out) -> Tuple[Tensor, ...]:
 
 
 def direction_call(direction: str, forward: Callable, inputs: Sequence[Tensor],
-                   cotangents: Sequence[Tensor]) -> Callable[[], Any]:
-    """The callable to time for one direction (the existing benchmarks' ``direction_builder``):
+                   cotangents: "Sequence[Tensor] | Callable[[Tuple[Tensor, ...]], Sequence[Tensor]]",
+                   extra_args: Sequence[Any] = ()) -> Callable[[], Any]:
+    """The callable to time for one direction (also what ``benchmarks/harness.py``'s ``direction_builder``
+    builds for the pytest GPU suite):
 
-    - ``fwd``: ``forward(*inputs)`` under ``no_grad``; returns the outputs;
+    - ``fwd``: ``forward(*inputs, *extra_args)`` under ``no_grad``; returns the outputs;
     - ``fwd+bwd``: forward, then ``autograd.grad`` of the outputs w.r.t. ``inputs`` with the fixed
       ``cotangents`` (one per output, made before timing); returns ``(outputs, grads)``;
     - ``bwd``: the forward runs once, here (untimed); each call is ``autograd.grad`` over the retained
       graph; returns the grads.
+
+    ``extra_args`` follow the inputs in each forward call and are not differentiated. ``cotangents`` may
+    instead be a function of the outputs that returns them (for callers that do not know the outputs'
+    shapes in advance; it should return the same, cached tensors each time): ``fwd+bwd`` calls it after
+    each forward, ``bwd`` once, after its forward.
     """
     inputs = list(inputs)
+    extra_args = tuple(extra_args)
     if direction == "fwd":
         def run():
             with torch.no_grad():
-                return as_tuple(forward(*inputs))
+                return as_tuple(forward(*inputs, *extra_args))
         return run
     if direction == "fwd+bwd":
+        if callable(cotangents):
+            def run():
+                outs = as_tuple(forward(*inputs, *extra_args))
+                return outs, torch.autograd.grad(outs, inputs, list(cotangents(outs)))
+            return run
+
         def run():
-            outs = as_tuple(forward(*inputs))
+            outs = as_tuple(forward(*inputs, *extra_args))
             return outs, torch.autograd.grad(outs, inputs, list(cotangents))
         return run
     if direction != "bwd":
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    outs = as_tuple(forward(*inputs))
+    outs = as_tuple(forward(*inputs, *extra_args))
+    if callable(cotangents):
+        cotangents = cotangents(outs)
 
     def run():
         return torch.autograd.grad(outs, inputs, list(cotangents), retain_graph=True)
