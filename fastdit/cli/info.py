@@ -54,7 +54,8 @@ def compiled_ops() -> str:
 
     if traceable_kernels():
         return "triton_op: on CUDA, Inductor launches fastdit's kernels from its generated code"
-    return "opaque custom ops (Triton's interpreter, or no Triton): called as Python ops from compiled code"
+    return ("opaque custom ops: called as Python ops from compiled code (FASTDIT_TRITON_OP=1 with compiled Triton "
+            "makes them triton_ops)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ def set_module_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
     if backend is not None:
         resolve_backend(backend)  # validate
     for module in model.modules():
-        if isinstance(module, (ModulatedLayerNorm, RMSNorm, RotaryEmbedding, JointAttention,
+        if isinstance(module, (ModulatedLayerNorm, RMSNorm, RotaryEmbedding, JointAttention, Mlp,
                                SingleStreamDiTBlock)):
             module.backend = backend
     return model

@@ -115,22 +115,31 @@ def use_triton(op: str, backend: Optional[str], unsupported_reason: Callable[[],
     return kernel_ready and reason is None
 
 
+# Opt-in, read once at import (ops are registered then): FASTDIT_TRITON_OP=1.
+TRITON_OP_ENV = "FASTDIT_TRITON_OP"
+_TRITON_OP_REQUESTED = os.environ.get(TRITON_OP_ENV, "0") == "1"
+
+
 def traceable_kernels() -> bool:
-    """Whether fastdit's library ops are ``torch.library.triton_op``s that torch.compile traces into (compiled
-    Triton): Inductor then launches the kernels from its generated code. Under Triton's CPU interpreter they
-    are opaque ``custom_op``s (an interpreted kernel cannot be traced)."""
-    return _HAS_TRITON and not triton_interpreter_on() and hasattr(torch.library, "triton_op")
+    """Whether fastdit's library ops are ``torch.library.triton_op``s that torch.compile traces into: Inductor
+    then launches the kernels from its generated code. Opt-in with ``FASTDIT_TRITON_OP=1`` (compiled Triton
+    only; under the CPU interpreter a kernel cannot be traced). Not the default because of what was measured
+    on an H100 (torch 2.11, Triton 3.6, 2026-12-07): each op compiles correctly and its compiled code calls
+    the kernels (tested), but ``torch.compile`` of a whole DiT-XL/2 training step did not finish within 150 s
+    (stock: about a minute), so the runtime gain could not be measured. The default is opaque ``custom_op``s."""
+    return (_TRITON_OP_REQUESTED and _HAS_TRITON and not triton_interpreter_on()
+            and hasattr(torch.library, "triton_op"))
 
 
 def library_op(name: str, impl: Callable, fake: Callable):
     """Register ``fastdit::<name>`` with ``impl`` (the kernel launch, or reference math where the kernel cannot
     run) and return the op for ``register_autograd``.
 
-    With compiled Triton it is a ``triton_op``: torch.compile traces ``impl`` (its launches go through
+    With :func:`traceable_kernels` it is a ``triton_op``: torch.compile traces ``impl`` (its launches go through
     ``fastdit.kernels._utils.launcher``, i.e. ``wrap_triton``), so a compiled model calls the kernels from
     Inductor's code instead of through a Python op — the opaque op cost 0.2-0.4 ms of host time per call
     (SD3-medium profile, issue 18), and its outputs are graph buffers Inductor can plan and reuse. ``impl`` is
-    then its own fake (it only allocates and launches). Under the interpreter, an opaque ``custom_op`` with
+    then its own fake (it only allocates and launches). Otherwise (the default) an opaque ``custom_op`` with
     ``fake`` as its fake implementation."""
     qualified = f"fastdit::{name}"
     if traceable_kernels():
