@@ -49,8 +49,8 @@ def test_info_reports_versions_and_op_paths(capsys):
     assert info["op_paths (bf16 inputs)"]["adaln_modulate"] == "reference"  # CPU: no kernel under auto
     assert set(info["op_paths (bf16 inputs)"]) == {"adaln_modulate", "gated_residual_adaln", "rms_norm",
                                                    "rope", "qk_norm_rope", "joint_attention",
-                                                   "linear_gelu (MLP fc1 + GELU, inference)"}
-    assert info["op_paths (bf16 inputs)"]["linear_gelu (MLP fc1 + GELU, inference)"].startswith("reference")
+                                                   "linear_gelu (inference; Mlp takes it under triton)"}
+    assert info["op_paths (bf16 inputs)"]["linear_gelu (inference; Mlp takes it under triton)"].startswith("reference")
     from fastdit.ops._common import traceable_kernels
     expected = "triton_op" if traceable_kernels() else "opaque custom ops"
     assert info["under torch.compile"].startswith(expected)

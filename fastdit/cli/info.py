@@ -41,10 +41,10 @@ def op_paths(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
     with torch.no_grad():
         try:
             gelu_fast = use_triton("linear_gelu", None, lambda: fast_path_reason(x, x[0], None), True)
-            paths["linear_gelu (MLP fc1 + GELU, inference)"] = \
+            paths["linear_gelu (inference; Mlp takes it under triton)"] = \
                 "cuBLASLt GELU epilogue" if gelu_fast else "reference (linear, then GELU)"
         except ValueError as err:
-            paths["linear_gelu (MLP fc1 + GELU, inference)"] = f"error: {err}"
+            paths["linear_gelu (inference; Mlp takes it under triton)"] = f"error: {err}"
     return paths
 
 
