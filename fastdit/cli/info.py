@@ -52,10 +52,14 @@ def compiled_ops() -> str:
     """What torch.compile makes of the library ops in this process."""
     from fastdit.ops._common import traceable_kernels
 
+    from fastdit.ops._common import COMPILED_MIN_ELEMENTS
+
+    policy = (f"auto takes the elementwise ops only with gradients and >= {COMPILED_MIN_ELEMENTS:,} elements "
+              f"(else Inductor's fusion of the reference); ")
     if traceable_kernels():
-        return "triton_op: on CUDA, Inductor launches fastdit's kernels from its generated code"
-    return ("opaque custom ops: called as Python ops from compiled code (FASTDIT_TRITON_OP=1 with compiled Triton "
-            "makes them triton_ops)")
+        return policy + "triton_op: on CUDA, Inductor launches fastdit's kernels from its generated code"
+    return policy + ("opaque custom ops, called as Python ops from compiled code (FASTDIT_TRITON_OP=1 with "
+                     "compiled Triton makes them triton_ops)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 
@@ -92,8 +92,25 @@ def join_reasons(*reasons: Optional[str]) -> Optional[str]:
     return "; ".join(present) if present else None
 
 
+# Under torch.compile, "auto" launches an elementwise library op only where that measured faster than letting
+# Inductor fuse the reference math: in training (gradients needed), for ops of at least 2^24 elements. Measured
+# on an H100 (torch 2.11): DiT-XL/2 bs128 training, 37.7 M elements per op, kernels 545.6 img/s against 530.8 on
+# the reference path (whole-model compile); 8 Flux double blocks bs1 (12.6 M per op), per-block compile,
+# kernels 103.6-109.9 ms against 100.5-101.0 (benchmarks/results/2026-11-22_h100_train_step/); SD3-medium bs1
+# training through diffusers, compiled (6.8 M), kernels 0.79x stock (host time of the opaque ops,
+# benchmarks/results/2026-12-07_h100_diffusers_step/); DiT-XL/2 inference forward bs64, compiled, kernels
+# 37.5 ms against stock 34.5 (Inductor fuses each block's trailing residual into the next norm across the
+# block boundary; issue 15). Three sizes are few: the bound lies somewhere between 12.6 M and 37.7 M.
+COMPILED_MIN_ELEMENTS = 1 << 24
+
+
+def compiled_kernel_pays(elements: int, grad: bool) -> bool:
+    """Whether "auto" takes a library op inside a torch.compile graph (see COMPILED_MIN_ELEMENTS)."""
+    return grad and elements >= COMPILED_MIN_ELEMENTS
+
+
 def use_triton(op: str, backend: Optional[str], unsupported_reason: Callable[[], Optional[str]],
-               kernel_ready: bool) -> bool:
+               kernel_ready: bool, compiled_work: Optional[Callable[[], Tuple[int, bool]]] = None) -> bool:
     """Decide between the fast path (Triton) and the reference for one call.
 
     The fast path is the ``torch.library`` op under torch.compile (what the compiler traces, opaque)
@@ -103,6 +120,8 @@ def use_triton(op: str, backend: Optional[str], unsupported_reason: Callable[[],
     ``unsupported_reason`` returns why the Triton kernel cannot take these inputs (or None);
     ``kernel_ready`` says whether a Triton kernel exists for the op on this device. Under ``"auto"``
     the library op is used only when both allow it; ``"triton"`` raises on unsupported inputs.
+    ``compiled_work`` returns (elements, gradients needed) of the call: while torch.compile traces, ``"auto"``
+    takes the library op only where :func:`compiled_kernel_pays` (``"triton"`` always takes it).
     """
     chosen = resolve_backend(backend)
     if chosen == "reference":
@@ -112,6 +131,9 @@ def use_triton(op: str, backend: Optional[str], unsupported_reason: Callable[[],
         if reason is not None:
             fail(op, f"backend='triton' cannot run these inputs: {reason}")
         return True
+    if compiled_work is not None and kernel_ready and torch.compiler.is_compiling() \
+            and not compiled_kernel_pays(*compiled_work()):
+        return False
     return kernel_ready and reason is None
 
 

@@ -212,7 +212,7 @@ def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6, *
     """
     check_modulation_inputs("adaln_modulate", x, shift=shift, scale=scale)
     if use_triton("adaln_modulate", backend, lambda: triton_unsupported_reason(x, shift, scale),
-                  KERNEL_READY and x.is_cuda):
+                  KERNEL_READY and x.is_cuda, lambda: (x.numel(), needs_grad(x, shift, scale))):
         if torch.compiler.is_compiling():
             return torch.ops.fastdit.adaln_modulate(x, shift, scale, eps)[0]
         if needs_grad(x, shift, scale):

@@ -156,7 +156,7 @@ def gated_residual_adaln(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scal
     """
     _check_inputs(x, y, gate, shift, scale)
     if use_triton(_OP, backend, lambda: triton_unsupported_reason(x, y, gate, shift, scale),
-                  KERNEL_READY and x.is_cuda):
+                  KERNEL_READY and x.is_cuda, lambda: (x.numel(), needs_grad(x, y, gate, shift, scale))):
         if torch.compiler.is_compiling():
             x_new, out, _, _ = torch.ops.fastdit.gated_residual_adaln(x, y, gate, shift, scale, eps)
             return x_new, out

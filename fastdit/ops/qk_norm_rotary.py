@@ -192,7 +192,7 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor] = None, k_weig
     on the fast path. q, k: (B, N, H, d). Returns (q', k')."""
     _check_inputs(q, k, q_weight, k_weight, freqs)
     if use_triton(_OP, backend, lambda: triton_unsupported_reason(q, k, q_weight, k_weight, freqs),
-                  KERNEL_READY and q.is_cuda):
+                  KERNEL_READY and q.is_cuda, lambda: (q.numel(), needs_grad(q, k, q_weight, k_weight))):
         if torch.compiler.is_compiling():
             q_out, k_out, _, _ = torch.ops.fastdit.qk_norm_rope(q, k, q_weight, k_weight, freqs, eps, interleaved)
             return q_out, k_out

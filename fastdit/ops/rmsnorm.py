@@ -141,7 +141,8 @@ def triton_unsupported_reason(x: Tensor, weight: Tensor) -> Optional[str]:
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, backend: Optional[str] = None) -> Tensor:
     """RMSNorm of the last dim with learned ``weight``; x: (..., d), weight: (d,)."""
     _check_inputs(x, weight)
-    if use_triton(_OP, backend, lambda: triton_unsupported_reason(x, weight), KERNEL_READY and x.is_cuda):
+    if use_triton(_OP, backend, lambda: triton_unsupported_reason(x, weight), KERNEL_READY and x.is_cuda,
+                  lambda: (x.numel(), needs_grad(x, weight))):
         if torch.compiler.is_compiling():
             return torch.ops.fastdit.rms_norm(x, weight, eps)[0]
         if needs_grad(x, weight):

@@ -193,7 +193,8 @@ def rope(x: Tensor, freqs: Tensor, interleaved: bool = True, inverse: bool = Fal
          backend: Optional[str] = None) -> Tensor:
     """Rotate channel pairs of x (B, N, H, d) by ``freqs`` (N, d/2, 2) or (B, N, d/2, 2)."""
     _check_inputs(x, freqs)
-    if use_triton(_OP, backend, lambda: triton_unsupported_reason(x, freqs), KERNEL_READY and x.is_cuda):
+    if use_triton(_OP, backend, lambda: triton_unsupported_reason(x, freqs), KERNEL_READY and x.is_cuda,
+                  lambda: (x.numel(), needs_grad(x))):
         if torch.compiler.is_compiling():
             return torch.ops.fastdit.rope(x, freqs, interleaved, inverse)
         if needs_grad(x):
