@@ -23,12 +23,12 @@ output (``stock.loss_target``): 10% relative under bf16, 1e-3 in float32.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastdit.bench.registry import Case, Peer, Workload, register
-from fastdit.bench.stock import (autocast, check_first_loss, cpu_state, fresh, guard_size, loss_target,
-                                 loss_tolerance, optional_import, private_generator, randomize_, training_step)
+from fastdit.bench.stock import (autocast, check_first_loss, cpu_state, fresh, guard_size, loss_tolerance,
+                                 optional_import, private_generator, randomize_, reference_loss_and_target,
+                                 training_step)
 
 GROUP = "diffusers"
 PEERS = ("fastdit", "fastdit-compile", "eager", "compile")
@@ -103,13 +103,7 @@ def make_step_workload(ctx, shape: str, p) -> Workload:
         model.load_state_dict(state, strict=True)
         return model.to(ctx.device).train()
 
-    reference_model = stock_model()
-    with torch.no_grad():
-        reference_out = forward(reference_model).float()
-    del reference_model
-    target = loss_target(reference_out, private_generator(ctx, 3))
-    reference_loss = float(F.mse_loss(reference_out, target))
-    del reference_out
+    reference_loss, target = reference_loss_and_target(ctx, stock_model, forward)
 
     def peer(name: str, patched: bool, compile_: bool) -> Peer:
         def build():

@@ -23,7 +23,7 @@ the stock module in float64.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -135,12 +135,15 @@ def make_module(kind: str):
             outs = as_tuple(call_stock(stock_template, x, context, c))
         cotangents = [ctx.randn(o.shape) for o in outs]
 
-        def step(module: nn.Module, call: Callable) -> Callable[[], Any]:
+        def step(module: nn.Module, call: Callable, runner: Optional[Callable] = None) -> Callable[[], Any]:
+            """Forward and backward of ``module``'s parameters and the inputs; ``runner`` (the module compiled)
+            is what runs, the module itself by default."""
             params = [dict(module.named_parameters())[n] for n in names]
             inputs = tensors + params
+            fn = module if runner is None else runner
 
             def run():
-                result = as_tuple(call(module, x, context, c))
+                result = as_tuple(call(fn, x, context, c))
                 return result, torch.autograd.grad(result, inputs, cotangents)
             return run
 
@@ -149,14 +152,7 @@ def make_module(kind: str):
                 module = copy.deepcopy(template)
                 if mode == "none":
                     return step(module, call)
-                fn = compiled(module, None if mode == "default" else mode)
-                params = [dict(module.named_parameters())[n] for n in names]
-                inputs = tensors + params
-
-                def run():
-                    result = as_tuple(call(fn, x, context, c))
-                    return result, torch.autograd.grad(result, inputs, cotangents)
-                return run
+                return step(module, call, compiled(module, None if mode == "default" else mode))
             return build
 
         peers = [Peer("fastdit", peer(fast_template, call_fast)),

@@ -26,13 +26,12 @@ from __future__ import annotations
 from typing import Callable, Dict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastdit.bench.registry import Case, Peer, Workload, register
-from fastdit.bench.stock import (check_first_loss, compiled, CPU_GPU_ONLY, cpu_state, fresh, guard_size, loss_target,
+from fastdit.bench.stock import (check_first_loss, compiled, CPU_GPU_ONLY, cpu_state, fresh, guard_size,
                                  loss_tolerance, MAX_AUTOTUNE, max_autotune_peer, on_gpu, optional_import,
-                                 private_generator, randomize_, StockDiT, training_step)
+                                 private_generator, randomize_, reference_loss_and_target, StockDiT, training_step)
 
 GROUP = "train"
 
@@ -99,13 +98,7 @@ def make_dit(ctx, shape: str, p) -> Workload:
     x = ctx.randn(B, 4, p["latent"], p["latent"], dtype=torch.float32)
     t = (torch.rand(B, generator=private_generator(ctx, 1)) * 1000).to(ctx.device)
     y = torch.randint(0, 1000, (B,), generator=private_generator(ctx, 2)).to(ctx.device)
-    reference_model = stock_model()
-    with torch.no_grad():
-        reference_out = reference_model(x, t, y).float()
-    del reference_model
-    target = loss_target(reference_out, private_generator(ctx, 3))
-    reference_loss = float(F.mse_loss(reference_out, target))
-    del reference_out
+    reference_loss, target = reference_loss_and_target(ctx, stock_model, lambda m: m(x, t, y))
 
     def make_step(model: nn.Module, call: nn.Module = None) -> Callable:
         call = model if call is None else call
@@ -195,13 +188,7 @@ def make_flux(ctx, shape: str, p) -> Workload:
     def fastdit_forward(model):
         return model(x, 1000 * t, context, pooled=pooled)
 
-    reference_model = stock_model()
-    with torch.no_grad():
-        reference_out = stock_forward(reference_model).float()
-    del reference_model
-    target = loss_target(reference_out, private_generator(ctx, 3))
-    reference_loss = float(F.mse_loss(reference_out, target))
-    del reference_out
+    reference_loss, target = reference_loss_and_target(ctx, stock_model, stock_forward)
 
     def regional(model: nn.Module, lists, mode):
         for attr in lists:

@@ -325,6 +325,19 @@ def loss_target(reference_out: Tensor, generator: torch.Generator, noise_ratio: 
     return (reference_out.float() + noise_ratio * rms * noise).detach()
 
 
+def reference_loss_and_target(ctx, stock_model: Callable[[], nn.Module],
+                               forward: Callable[[nn.Module], Tensor]) -> Tuple[float, Tensor]:
+    """The float32 stock model's output on the workload's inputs (``forward(stock_model())``, no gradients),
+    turned into the training target (:func:`loss_target`) and the loss the peers' first step is checked
+    against; the reference model is freed before the peers are built."""
+    model = stock_model()
+    with torch.no_grad():
+        out = forward(model).float()
+    del model
+    target = loss_target(out, private_generator(ctx, 3))
+    return float(F.mse_loss(out, target)), target
+
+
 def check_first_loss(tolerance: float) -> Callable[[Any, Any], Tuple[bool, str]]:
     """Result ``{"first_loss": tensor, ...}`` (the loss of the peer's first step, from the shared weights),
     reference the float32 stock loss: finite, and within ``tolerance`` relative."""
