@@ -148,7 +148,9 @@ def traceable_kernels() -> bool:
     only; under the CPU interpreter a kernel cannot be traced). Not the default because of what was measured
     on an H100 (torch 2.11, Triton 3.6, 2026-12-07): each op compiles correctly and its compiled code calls
     the kernels (tested), but ``torch.compile`` of a whole DiT-XL/2 training step did not finish within 150 s
-    (stock: about a minute), so the runtime gain could not be measured. The default is opaque ``custom_op``s."""
+    (at batch 16; the stock model's compile and timed steps at batch 128 fit in the same run's budget), so the
+    runtime gain could not be measured (benchmarks/results/2026-12-07_h100_triton_op_probe/). The default is
+    opaque ``custom_op``s."""
     return (_TRITON_OP_REQUESTED and _HAS_TRITON and not triton_interpreter_on()
             and hasattr(torch.library, "triton_op"))
 
