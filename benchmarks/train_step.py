@@ -182,7 +182,7 @@ def dit_variants(args, device) -> List[Dict]:
     for backend in args.backends:
         for how in args.compile:
             runs.append((f"fastdit-{backend}-{how}", lambda b=backend, h=how: ours(b, h)))
-    results = []
+    results = args.results
     for name, build in runs:
         if args.only and name not in args.only:
             continue
@@ -271,7 +271,7 @@ def mmdit_variants(args, device) -> List[Dict]:
         (x, c, t, _, _), target = batch_stock()
         return (x, c, t, img_freqs, txt_freqs), target
 
-    results = []
+    results = args.results
     for how in ("none", "model") + (("max-autotune",) if args.max_autotune else ()):
         name = "stock-" + {"none": "eager", "model": "compile"}.get(how, how)
         if not args.only or name in args.only:
@@ -293,7 +293,7 @@ def measure(name, build, make_batch, device, args, B, flops_per_image) -> Dict:
         torch.cuda.reset_peak_memory_stats(device)
     model = build()
     try:
-        profile_to = os.path.join(args.out, f"profile_{name}{args.tag}.txt") if (args.profile and args.out) else ""
+        profile_to = os.path.join(args.out, f"profile_{args.slug}_{name}.txt") if (args.profile and args.out) else ""
         seconds = time_steps(model, make_batch, device, args.steps, args.warmup, profile_to, args.forward_only)
         row = {"variant": name, "ms_per_step": 1e3 * seconds, "images_per_s": B / seconds,
                "tflops": B * flops_per_image / seconds / 1e12, "flops_per_image": flops_per_image,
@@ -337,6 +337,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.forward_only = args.model == "dit-forward"
     args.steps = args.steps or (6 if args.model == "mmdit" else 12)
+    args.slug = args.model.replace("-", "_") + args.tag  # names this run's JSON and profiles
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.attention_path:
         from fastdit.ops.attention import set_attention_path
@@ -345,16 +346,38 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
     if device.type != "cuda" and not args.tiny:
         parser.error("the full-size runs need a GPU (use --tiny for a CPU smoke run)")
-    results = (mmdit_variants if args.model == "mmdit" else dit_variants)(args, device)
-    record = {"benchmark": f"train_step.{args.model}", "tiny": args.tiny, "attention_path": args.attention_path, "steps": args.steps,
-              "warmup": args.warmup, "results": results}
+    record = {"benchmark": f"train_step.{args.model}", "tiny": args.tiny, "attention_path": args.attention_path,
+              "steps": args.steps, "warmup": args.warmup, "complete": False}
     if device.type == "cuda":
         from fastdit.bench.timing import environment
         record = {**environment(), **record}
-    if args.out:
+
+    if args.out:  # before the first variant: profiles are written as each one finishes
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        Path(args.out, f"train_step_{args.model.replace('-', '_')}{args.tag}.json").write_text(json.dumps(record, indent=1) + "\n")
+
+    def write(rows) -> None:
+        if args.out:
+            Path(args.out, f"train_step_{args.slug}.json").write_text(
+                json.dumps({**record, "results": list(rows)}, indent=1) + "\n")
+
+    args.results = SavedResults(write)
+    (mmdit_variants if args.model == "mmdit" else dit_variants)(args, device)
+    record["complete"] = True
+    write(args.results)
     return 0
+
+
+class SavedResults(list):
+    """The variants' rows, written out (``write(rows)``) as each one finishes: a run cut short by a time limit
+    keeps what it measured; the JSON's ``complete`` turns true at the end."""
+
+    def __init__(self, write: Callable[[List[Dict]], None]):
+        super().__init__()
+        self._write = write
+
+    def append(self, row: Dict) -> None:
+        super().append(row)
+        self._write(self)
 
 
 if __name__ == "__main__":
