@@ -39,6 +39,11 @@ def _as_dict(run: Any) -> Dict[str, Any]:
     return run.to_dict() if hasattr(run, "to_dict") else dict(run)
 
 
+def jsonable_record(run: Any) -> Dict[str, Any]:
+    """A bench record (:class:`~fastdit.bench.runner.BenchRun` or dict) as plain JSON values."""
+    return _jsonable(_as_dict(run))
+
+
 def _jsonable(value: Any) -> Any:
     """Plain JSON values: non-finite floats become None, unknown objects their ``str``."""
     if isinstance(value, float):
@@ -143,6 +148,11 @@ def environment_lines(data: Dict[str, Any]) -> List[str]:
                 f"CUDA-graph figures {'on' if settings.get('graph') else 'off'}, {data.get('seconds', 0):.0f} s"),
         ("timer", env.get("timer", "—")),
     ]
+    for number, part in enumerate(data.get("parts") or [], 1):
+        part_env, part_settings = part.get("environment", {}), part.get("settings", {})
+        rows.append((f"part {number}", f"{part.get('workloads')} workloads, groups "
+                     f"{part_settings.get('groups') or 'all'}, {part_env.get('time_utc') or part_env.get('date')}, "
+                     f"{float(part.get('seconds') or 0):.0f} s (every peer of a workload ran in one process)"))
     return _table(["", ""], rows)
 
 

@@ -252,12 +252,13 @@ def _reset_compiled_code() -> None:
 
 def run(cases: Sequence[Case], ctx: Context, *, progress: bool = True, graph: bool = False,
         settings: Optional[Dict[str, Any]] = None, ceilings: Optional[Dict[str, Any]] = None,
-        on_row: Optional[Callable[[Dict[str, Any]], None]] = None, skip_peers: Sequence[str] = ()) -> BenchRun:
+        on_row: Optional[Callable[["BenchRun"], None]] = None, skip_peers: Sequence[str] = ()) -> BenchRun:
     """Run every shape of every case (``case.shapes_for(ctx)``) on ``ctx.device`` and return the record.
 
     ``graph``: also time each peer's CUDA-graph replay (GPU only). ``settings``: extra JSON-able values to
     keep in the record (the command line's choices). ``ceilings``: reuse figures measured earlier instead
-    of measuring them now. ``on_row`` is called with each finished row. ``skip_peers``: peer names not to
+    of measuring them now. ``on_row`` is called with the record after each finished row (its ``seconds``
+    so far), e.g. to save partial results. ``skip_peers``: peer names not to
     run (recorded as skipped, e.g. ``compile-max-autotune``, whose autotuning takes minutes per shape)."""
     start = time.perf_counter()
     record = BenchRun(environment=environment(ctx.device),
@@ -290,7 +291,8 @@ def run(cases: Sequence[Case], ctx: Context, *, progress: bool = True, graph: bo
                 del workload
             record.rows.append(row)
             if on_row is not None:
-                on_row(row)
+                record.seconds = time.perf_counter() - start
+                on_row(record)
             _reset_compiled_code()
             release_memory(ctx)
     finally:

@@ -25,6 +25,7 @@ examples:
   fastdit bench --group kernels,attention --quick
   fastdit bench --group attention --shape seq4096,seq16384 --graph
   fastdit bench --list
+  fastdit bench --merge part1/bench.json,part2/bench.json --out full   # one report from runs in parts
 """
 
 CPU_WARNING = ("warning: running on the CPU: these timings mean NOTHING (tiny shapes, Triton's interpreter, "
@@ -48,7 +49,46 @@ def parser(prog: str = "fastdit bench") -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     p.add_argument("--skip-peers", default="", metavar="NAMES",
                    help="comma-separated peers not to run, recorded as skipped (e.g. compile-max-autotune)")
+    p.add_argument("--merge", default=None, metavar="JSONS",
+                   help="comma-separated bench.json files (or their folders) of runs in parts -- same GPU, "
+                        "versions and commit -- to write as one report in --out; runs nothing")
     return p
+
+
+PARTIAL_NAME = "bench.partial.json"
+
+
+def write_partial(out: Path, record) -> None:
+    """The record so far, rewritten after each workload: a run killed by a time limit keeps what it measured
+    (``--merge`` takes this file as one part). Removed when the full report is written."""
+    import json
+
+    from fastdit.bench.report import jsonable_record
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (PARTIAL_NAME + ".tmp")
+    data = {**jsonable_record(record), "complete": False}
+    tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
+    tmp.replace(out / PARTIAL_NAME)
+
+
+def merge_main(args, prog: str) -> int:
+    from fastdit.bench.merge import load_run, merge_runs
+    from fastdit.bench.report import headline_table, write_report
+
+    try:
+        record = merge_runs([load_run(path.strip()) for path in args.merge.split(",") if path.strip()])
+    except ValueError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    if not args.out:
+        print(f"{prog}: error: --merge needs --out (the merged report's folder)", file=sys.stderr)
+        return 2
+    out = unused_folder(args.out)
+    paths = write_report(record, out)
+    print(headline_table(record))
+    print(f"\nmerged {len(record['parts'])} runs into {paths['summary.md']}")
+    return 0
 
 
 def unused_folder(path: "str | os.PathLike") -> Path:
@@ -99,6 +139,8 @@ def _device(name: str) -> str:
 def main(argv: Optional[List[str]] = None, prog: str = "fastdit bench") -> int:
     p = parser(prog)
     args = p.parse_args(argv)
+    if args.merge:
+        return merge_main(args, prog)
     device = _device(args.device)
     if device == "cpu":
         # fastdit's Triton kernels run on the CPU only through the interpreter, which must be on before any
@@ -147,10 +189,11 @@ def main(argv: Optional[List[str]] = None, prog: str = "fastdit bench") -> int:
         torch.set_num_threads(1)
     try:
         record = run(cases, ctx, progress=not args.no_progress, graph=args.graph, settings=settings,
-                     skip_peers=skip_peers)
+                     skip_peers=skip_peers, on_row=lambda so_far: write_partial(out, so_far))
     finally:
         torch.set_num_threads(threads)
     paths = write_report(record, out)
+    (out / PARTIAL_NAME).unlink(missing_ok=True)
     failed = [(row["name"], row["shape"], peer["name"], peer["status"] if peer["status"] != "ok" else "check failed")
               for row in record.rows for peer in row.get("peers", [])
               if peer["status"] == "failed" or peer.get("check") == "failed"]
