@@ -92,6 +92,27 @@ def to_dtype_rtne(x, dtype: tl.constexpr):
     return x.to(dtype)
 
 
+@triton.jit
+def fp8_grid_rtne(x, MANT_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr):
+    """fp32 ``x`` rounded to nearest even onto the grid of an fp8 format with MANT_BITS mantissa bits
+    (e4m3: 3; e5m2: 2) and smallest normal 2**MIN_NORMAL_EXP (e4m3: -6; e5m2: -14), still as fp32; the
+    caller clamps to the format's range first. The cast of the result to fp8 is then exact, so compiled
+    code and Triton's CPU interpreter (3.9), whose fp32 -> fp8 cast does not round to nearest even, give
+    the same bits as ``torch``'s cast. Normal range: round the bit pattern (as :func:`to_dtype_rtne`);
+    subnormal range (fixed spacing 2**(MIN_NORMAL_EXP - MANT_BITS)): add and subtract 1.5 * 2**(23 +
+    MIN_NORMAL_EXP - MANT_BITS), whose fp32 ulp is that spacing, so the fp32 addition rounds to it; done on
+    |x| with x's sign bit put back, so tiny negatives give -0 as torch's cast does."""
+    drop: tl.constexpr = 23 - MANT_BITS
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (((bits >> drop) & 1) + ((1 << (drop - 1)) - 1))) & (0xFFFFFFFF ^ ((1 << drop) - 1))
+    normal = bits.to(tl.float32, bitcast=True)
+    magic: tl.constexpr = 1.5 * 2.0 ** (23 + MIN_NORMAL_EXP - MANT_BITS)
+    sign = x.to(tl.uint32, bitcast=True) & 0x80000000
+    tiny = ((tl.abs(x) + magic) - magic).to(tl.uint32, bitcast=True) | sign
+    tiny = tiny.to(tl.float32, bitcast=True)
+    return tl.where(tl.abs(x) >= 2.0 ** MIN_NORMAL_EXP, normal, tiny)
+
+
 def sum_chunks(partials: torch.Tensor, outs) -> None:
     """outs[k][b, d] = partials[k, b, :, d].sum() in a fixed order (deterministic), in each out's dtype.
 

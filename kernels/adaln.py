@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from fastdit.kernels import _utils
-from fastdit.kernels._utils import to_dtype_rtne
+from fastdit.kernels._utils import fp8_grid_rtne, to_dtype_rtne
 
 MAX_D = 16384
 
@@ -59,19 +59,33 @@ def _fwd_residual(x, r, g, XNEW, out_offs, mask, GATED: tl.constexpr):
 
 @triton.jit
 def _fwd_modulate_store(OUT, out_offs, mask, xc, rstd, shift, scale):
+    """Store the modulated row piece in OUT's dtype; returns it as stored, in fp32 (what FP8 quantises)."""
     out = xc * rstd[:, None] * (1.0 + scale.to(tl.float32)) + shift.to(tl.float32)
-    tl.store(OUT + out_offs, to_dtype_rtne(out, OUT.dtype.element_ty), mask=mask)
+    out = to_dtype_rtne(out, OUT.dtype.element_ty)
+    tl.store(OUT + out_offs, out, mask=mask)
+    return tl.where(mask, out.to(tl.float32), 0.0)
+
+
+@triton.jit
+def _fwd_quantize_store(OUTQ, out_offs, mask, y, qscale, Q_MANT: tl.constexpr, Q_MIN_EXP: tl.constexpr,
+                        Q_FMAX: tl.constexpr):
+    """y / qscale (IEEE division), saturated to the fp8 range, rounded to nearest even, stored as fp8."""
+    q = tl.math.div_rn(y, qscale[:, None])
+    q = tl.minimum(tl.maximum(q, -Q_FMAX), Q_FMAX)
+    tl.store(OUTQ + out_offs, fp8_grid_rtne(q, Q_MANT, Q_MIN_EXP).to(OUTQ.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _adaln_fwd_kernel(
     X, RES, GATE, SHIFT, SCALE,
-    OUT, XNEW, MEAN, RSTD,
+    OUT, XNEW, MEAN, RSTD, OUTQ, QSCALE,
     M, N, D, eps,
     s_xb, s_xn, s_xd, s_rb, s_rn, s_rd, s_gb, s_gn, s_gd,
     s_hb, s_hn, s_hd, s_cb, s_cn, s_cd,
     GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STEPS: tl.constexpr,
     HAS_TAIL: tl.constexpr, BLOCK_T: tl.constexpr,
+    QUANT: tl.constexpr, Q_MANT: tl.constexpr, Q_MIN_EXP: tl.constexpr, Q_FMAX: tl.constexpr,
+    Q_AMAX_EPS: tl.constexpr,
 ):
     """Program p normalises rows [p * BLOCK_M * STEPS, …) in STEPS blocks of BLOCK_M rows, loading
     each block while the previous one is being computed and stored.
@@ -79,7 +93,12 @@ def _adaln_fwd_kernel(
     A row is held as a head piece of BLOCK_D columns and, with HAS_TAIL, a tail piece of BLOCK_T
     columns after it: D = 1152 as 1024 + 128 instead of one 2048-wide tile, of which 44% would be
     masked lanes that still cost instructions (the profile of the one-piece kernel at D = 1152 showed
-    it issue-bound: SM throughput 78%, DRAM 46%)."""
+    it issue-bound: SM throughput 78%, DRAM 46%).
+
+    QUANT: also store each output row quantised to fp8 (OUTQ) with its scale (QSCALE, fp32 per row):
+    scale = max(amax, Q_AMAX_EPS) / Q_FMAX over the row as stored in OUT's dtype, data = that row / scale,
+    saturated, rounded to nearest even -- fastdit.ops.fp8_linear.quantize_rows of OUT, bit for bit, with no
+    second pass over it (the FP8 GEMM's row-scaled input, issue 16)."""
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = offs_d < D
     cols = offs_d.to(tl.int64)[None, :]
@@ -121,9 +140,18 @@ def _adaln_fwd_kernel(
             xct = tl.where(tmask, xt - mean[:, None], 0.0)
             sq_sum += tl.sum(xct * xct, axis=1)
         rstd = tl.rsqrt(sq_sum / D + eps)
-        _fwd_modulate_store(OUT, out_offs, mask, xc, rstd, shift, scale)
+        y = _fwd_modulate_store(OUT, out_offs, mask, xc, rstd, shift, scale)
         if HAS_TAIL:
-            _fwd_modulate_store(OUT, tout_offs, tmask, xct, rstd, shift_t, scale_t)
+            yt = _fwd_modulate_store(OUT, tout_offs, tmask, xct, rstd, shift_t, scale_t)
+        if QUANT:
+            amax = tl.max(tl.abs(y), axis=1)
+            if HAS_TAIL:
+                amax = tl.maximum(amax, tl.max(tl.abs(yt), axis=1))
+            qscale = tl.math.div_rn(tl.maximum(amax, Q_AMAX_EPS), Q_FMAX)
+            _fwd_quantize_store(OUTQ, out_offs, mask, y, qscale, Q_MANT, Q_MIN_EXP, Q_FMAX)
+            if HAS_TAIL:
+                _fwd_quantize_store(OUTQ, tout_offs, tmask, yt, qscale, Q_MANT, Q_MIN_EXP, Q_FMAX)
+            tl.store(QSCALE + cur_rows, qscale, mask=cur_ok)
         tl.store(MEAN + cur_rows, mean, mask=cur_ok)
         tl.store(RSTD + cur_rows, rstd, mask=cur_ok)
 
@@ -275,33 +303,51 @@ def _fwd_config(D: int, gated: bool, block_m: Optional[int], num_warps: Optional
     return block_m, block_d, block_t, num_warps, steps or 1
 
 
+# (mantissa bits, exponent of the smallest normal) of the fp8 formats the forward can emit
+FP8_FORMATS = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
+
+
 def adaln_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
               res: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None, *,
+              quantize: Optional[torch.dtype] = None, amax_eps: float = 1e-12,
               block_m: Optional[int] = None, num_warps: Optional[int] = None, steps: Optional[int] = None,
               split: Optional[bool] = None):
     """LN-modulate forward. Without ``res``/``gate``: returns (out, mean, rstd). With them (the gated
-    residual): returns (x_new, out, mean, rstd). mean/rstd are fp32 (B, N). ``block_m`` (rows per
-    step), ``steps`` (row blocks per program), ``num_warps`` and ``split`` (row as two tiles, see
+    residual): returns (x_new, out, mean, rstd). mean/rstd are fp32 (B, N). ``quantize`` (an fp8 dtype
+    of :data:`FP8_FORMATS`): also returns out quantised per row -- (..., out_q (B, N, D) in that dtype,
+    q_scale fp32 (B, N, 1)) appended -- see the kernel's docstring. ``block_m`` (rows per step),
+    ``steps`` (row blocks per program), ``num_warps`` and ``split`` (row as two tiles, see
     :func:`row_pieces`) override the heuristics (for tuning and tests)."""
     B, N, D = x.shape
     assert D <= MAX_D, f"D = {D} > {MAX_D}"
+    assert quantize is None or quantize in FP8_FORMATS, f"quantize must be one of {list(FP8_FORMATS)}"
     gated = res is not None
     M = B * N
     out = _utils.new_empty((B, N, D), x.dtype, x.device)
     x_new = _utils.new_empty((B, N, D), x.dtype, x.device) if gated else out
     mean = _utils.new_empty((B, N), torch.float32, x.device)
     rstd = _utils.new_empty((B, N), torch.float32, x.device)
+    if quantize is not None:
+        out_q = _utils.new_empty((B, N, D), torch.float32, x.device).to(quantize) if _utils.POISON_OUTPUTS \
+            else torch.empty((B, N, D), dtype=quantize, device=x.device)
+        q_scale = _utils.new_empty((B, N, 1), torch.float32, x.device)
+        q_mant, q_min_exp = FP8_FORMATS[quantize]
+        q_fmax = torch.finfo(quantize).max
+    else:
+        out_q, q_scale, q_mant, q_min_exp, q_fmax = out, mean, 3, -6, 448.0
     block_m, block_d, block_t, warps, steps = _fwd_config(D, res is not None, block_m, num_warps, steps, split)
     r, g = (res, gate) if gated else (x, shift)
     r_strides = r.stride() if gated else (0, 0, 0)
     g_strides = _mod_strides(g) if gated else (0, 0, 0)
     if M > 0:
         _utils.launcher(_adaln_fwd_kernel, out)[(triton.cdiv(M, block_m * steps),)](
-            x, r, g, shift, scale, out, x_new, mean, rstd, M, N, D, eps,
+            x, r, g, shift, scale, out, x_new, mean, rstd, out_q, q_scale, M, N, D, eps,
             *x.stride(), *r_strides, *g_strides, *_mod_strides(shift), *_mod_strides(scale),
             GATED=gated, BLOCK_M=block_m, BLOCK_D=block_d, STEPS=steps, HAS_TAIL=block_t > 0,
-            BLOCK_T=max(block_t, 1), num_warps=warps)
-    return (x_new, out, mean, rstd) if gated else (out, mean, rstd)
+            BLOCK_T=max(block_t, 1), QUANT=quantize is not None, Q_MANT=q_mant, Q_MIN_EXP=q_min_exp,
+            Q_FMAX=q_fmax, Q_AMAX_EPS=amax_eps, num_warps=warps)
+    outputs = (x_new, out, mean, rstd) if gated else (out, mean, rstd)
+    return outputs + (out_q, q_scale) if quantize is not None else outputs
 
 
 def _bwd_config(B: int, N: int, D: int, device: torch.device, programs_per_sm: int, min_rows: int,
