@@ -10,6 +10,8 @@ from fastdit.ops.attention import (attention_path, attention_path_choices, joint
                                    set_attention_path_choices)
 from fastdit.ops.gated_adaln import (gated_residual_adaln, gated_residual_adaln_backward_ref,
                                      gated_residual_adaln_ref)
+from fastdit.ops.fp8_linear import (RECIPES, Fp8Recipe, dequantize, fp8_linear, fp8_linear_ref, quantize_rows,
+                                   quantize_tensor)
 from fastdit.ops.linear_gelu import linear_gelu, linear_gelu_ref
 from fastdit.ops.qk_norm_rotary import qk_norm_rope, qk_norm_rope_ref
 from fastdit.ops.rmsnorm import rms_norm, rms_norm_backward_ref, rms_norm_ref
@@ -22,6 +24,7 @@ __all__ = [
     "rope", "rope_", "rope_ref", "rope_freqs", "rope_freqs_1d", "rope_freqs_2d",
     "qk_norm_rope", "qk_norm_rope_ref",
     "linear_gelu", "linear_gelu_ref",
+    "fp8_linear", "fp8_linear_ref", "quantize_rows", "quantize_tensor", "dequantize", "Fp8Recipe", "RECIPES",
     "joint_attention", "joint_attention_qk", "joint_attention_ref", "joint_attention_sdpa",
     "attention_path", "set_attention_path", "attention_path_choices", "set_attention_path_choices",
 ]
