@@ -22,7 +22,9 @@ class JointAttention(nn.Module):
     x: (B, N_img, dim); context: (B, N_txt, dim) caption tokens (already at model width);
     txt_mask: bool (B, N_txt) or lengths (B,) of real caption tokens; img_freqs / txt_freqs: RoPE
     tables for each stream ((N, head_dim/2, 2), see :class:`RotaryEmbedding`), None = no rotation.
-    Returns ``(x_out, context_out)``; context_out is None without a text stream.
+    Returns ``(x_out, context_out)``; context_out is None without a text stream. ``x_fp8`` /
+    ``context_fp8``: the stream's input already quantised per row (FP8 mode: the projections are
+    :class:`~fastdit.modules.fp8.Fp8Linear`), passed to the QKV projection instead of quantising it again.
 
     Padded caption tokens influence nothing, whatever they hold (NaN and inf included): their context rows
     are selected away (``torch.where``) before the projection, so that even the weight gradients stay
@@ -51,24 +53,28 @@ class JointAttention(nn.Module):
                 self.txt_q_norm = RMSNorm(self.head_dim, eps, backend)
                 self.txt_k_norm = RMSNorm(self.head_dim, eps, backend)
 
-    def _qkv(self, x: Tensor, qkv: nn.Linear) -> Tuple[Tensor, Tensor, Tensor]:
+    def _qkv(self, x: Tensor, qkv: nn.Linear, x_fp8: Optional[Tuple[Tensor, Tensor]] = None
+             ) -> Tuple[Tensor, Tensor, Tensor]:
         B, N, _ = x.shape
+        # x_fp8: x already quantised per row by the norm before (FP8 mode, fastdit.modules.fp8)
+        out = qkv(x) if x_fp8 is None else qkv(x, x_fp8=x_fp8)
         # Feature order of the projection is (3, heads, head_dim), as in DiT/timm and Flux.
-        return qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # (B, N, H, d) views
+        return out.view(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # (B, N, H, d) views
 
     @staticmethod
     def _weight(norm: Optional[RMSNorm]) -> Optional[Tensor]:
         return None if norm is None else norm.weight
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None, txt_mask: Optional[Tensor] = None,
-                img_freqs: Optional[Tensor] = None, txt_freqs: Optional[Tensor] = None
+                img_freqs: Optional[Tensor] = None, txt_freqs: Optional[Tensor] = None,
+                x_fp8: Optional[Tuple[Tensor, Tensor]] = None, context_fp8: Optional[Tuple[Tensor, Tensor]] = None
                 ) -> Tuple[Tensor, Optional[Tensor]]:
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"JointAttention: x must be (B, N, {self.dim}), got {tuple(x.shape)}")
         if context is not None and not self.joint:
             raise ValueError("JointAttention: context given, but the module was built with joint=False "
                              "(no text-stream weights)")
-        q, k, v = self._qkv(x, self.qkv)
+        q, k, v = self._qkv(x, self.qkv, x_fp8)
         qt = kt = vt = None
         if context is not None:
             if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != self.dim:
@@ -77,7 +83,8 @@ class JointAttention(nn.Module):
             if txt_mask is not None:  # padded tokens as zeros: 0 · NaN in the projection's weight gradient is NaN
                 real = _key_mask(txt_mask, context.shape[0], context.shape[1])
                 context = torch.where(real[:, :, None], context, 0.0)
-            qt, kt, vt = self._qkv(context, self.txt_qkv)
+                context_fp8 = None  # quantised before the selection: the projection quantises what it gets
+            qt, kt, vt = self._qkv(context, self.txt_qkv, context_fp8)
         # QK-norm and RoPE of both streams and the joint attention: one op (fused into the attention
         # kernel on the fast path; qk_norm_rope then SDPA on the reference path)
         o_img, o_txt = joint_attention_qk(

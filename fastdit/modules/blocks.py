@@ -31,7 +31,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.backend = backend
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x_fp8: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+        """x (..., dim); ``x_fp8``: x already quantised per row, for an FP8 ``fc1`` (fastdit.modules.fp8)."""
+        if x_fp8 is not None:
+            return self.fc2(self.act(self.fc1(x, x_fp8=x_fp8)))
         if x.is_cuda and not needs_grad(x, self.fc1.weight, self.fc1.bias) and \
                 resolve_backend(self.backend) == "triton":
             return self.fc2(linear_gelu(x, self.fc1.weight, self.fc1.bias, backend=self.backend))
@@ -64,19 +67,23 @@ class DiTBlock(nn.Module):
         self.norm2 = ModulatedLayerNorm(hidden_size, eps=mlp_norm_eps, backend=backend)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), backend=backend)
         self.adaLN_modulation = AdaLNModulation(hidden_size, 6)
+        self.fp8_inputs = False  # set by fastdit.modules.fp8.enable_fp8 (its Linear layers are then FP8)
 
     def forward(self, x: Tensor, c: Tensor, freqs: Optional[Tensor] = None,
                 pending: Optional[Tuple[Tensor, Tensor]] = None, defer_residual: bool = False):
         """x (B, N, dim), c (B, dim); ``pending``: the previous block's deferred ``(y, gate)``, added to x
         first. Returns x, or ``(x, (y, gate))`` with ``defer_residual`` (see the class docstring)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)
-        if pending is None:
-            h = self.norm1(x, shift_msa, scale_msa)
+        if self.fp8_inputs:  # FP8 mode: the norms also emit their output quantised for qkv / fc1
+            x, h, h_q = modulated_input_fp8(self.norm1, x, pending, shift_msa, scale_msa)
+            attn_out, _ = self.attn(h, img_freqs=freqs, x_fp8=h_q)
+            x, h, *h_q = self.norm2.gated_fp8(x, attn_out, gate_msa, shift_mlp, scale_mlp)
+            y = self.mlp(h, x_fp8=tuple(h_q))
         else:
-            x, h = self.norm1.gated(x, pending[0], pending[1], shift_msa, scale_msa)
-        attn_out, _ = self.attn(h, img_freqs=freqs)
-        x, h = self.norm2.gated(x, attn_out, gate_msa, shift_mlp, scale_mlp)
-        y = self.mlp(h)
+            x, h = modulated_input(self.norm1, x, pending, shift_msa, scale_msa)
+            attn_out, _ = self.attn(h, img_freqs=freqs)
+            x, h = self.norm2.gated(x, attn_out, gate_msa, shift_mlp, scale_mlp)
+            y = self.mlp(h)
         if defer_residual:
             return x, (y, gate_mlp)
         return x + per_token(gate_mlp) * y
@@ -111,6 +118,7 @@ class JointDiTBlock(nn.Module):
         self.txt_mlp = Mlp(hidden_size, mlp_hidden, backend=backend)
         self.adaLN_modulation = AdaLNModulation(hidden_size, 6)
         self.txt_adaLN_modulation = AdaLNModulation(hidden_size, 6)
+        self.fp8_inputs = False  # set by fastdit.modules.fp8.enable_fp8
 
     def forward(self, x: Tensor, context: Tensor, c: Tensor, txt_mask: Optional[Tensor] = None,
                 img_freqs: Optional[Tensor] = None, txt_freqs: Optional[Tensor] = None,
@@ -118,12 +126,20 @@ class JointDiTBlock(nn.Module):
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.adaLN_modulation(c)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_adaLN_modulation(c)
         img_pending, txt_pending = pending if pending is not None else (None, None)
-        x, h = modulated_input(self.norm1, x, img_pending, i_shift1, i_scale1)
-        context, hc = modulated_input(self.txt_norm1, context, txt_pending, t_shift1, t_scale1)
-        attn_x, attn_c = self.attn(h, hc, txt_mask, img_freqs, txt_freqs)
-        x, h = self.norm2.gated(x, attn_x, i_gate1, i_shift2, i_scale2)
-        context, hc = self.txt_norm2.gated(context, attn_c, t_gate1, t_shift2, t_scale2)
-        y, yc = self.mlp(h), self.txt_mlp(hc)
+        if self.fp8_inputs:  # FP8 mode (fastdit.modules.fp8): the norms also emit e4m3 rows for qkv / fc1
+            x, h, h_q = modulated_input_fp8(self.norm1, x, img_pending, i_shift1, i_scale1)
+            context, hc, hc_q = modulated_input_fp8(self.txt_norm1, context, txt_pending, t_shift1, t_scale1)
+            attn_x, attn_c = self.attn(h, hc, txt_mask, img_freqs, txt_freqs, x_fp8=h_q, context_fp8=hc_q)
+            x, h, *h_q = self.norm2.gated_fp8(x, attn_x, i_gate1, i_shift2, i_scale2)
+            context, hc, *hc_q = self.txt_norm2.gated_fp8(context, attn_c, t_gate1, t_shift2, t_scale2)
+            y, yc = self.mlp(h, x_fp8=tuple(h_q)), self.txt_mlp(hc, x_fp8=tuple(hc_q))
+        else:
+            x, h = modulated_input(self.norm1, x, img_pending, i_shift1, i_scale1)
+            context, hc = modulated_input(self.txt_norm1, context, txt_pending, t_shift1, t_scale1)
+            attn_x, attn_c = self.attn(h, hc, txt_mask, img_freqs, txt_freqs)
+            x, h = self.norm2.gated(x, attn_x, i_gate1, i_shift2, i_scale2)
+            context, hc = self.txt_norm2.gated(context, attn_c, t_gate1, t_shift2, t_scale2)
+            y, yc = self.mlp(h), self.txt_mlp(hc)
         if defer_residual:
             return x, context, ((y, i_gate2), (yc, t_gate2))
         return x + per_token(i_gate2) * y, context + per_token(t_gate2) * yc
@@ -136,6 +152,17 @@ def modulated_input(norm: ModulatedLayerNorm, x: Tensor, pending: Optional[Tuple
     if pending is None:
         return x, norm(x, shift, scale)
     return norm.gated(x, pending[0], pending[1], shift, scale)
+
+
+def modulated_input_fp8(norm: ModulatedLayerNorm, x: Tensor, pending: Optional[Tuple[Tensor, Tensor]],
+                        shift: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor, Tuple[Tensor, Tensor]]:
+    """:func:`modulated_input` that also returns the normalised input quantised per row for an FP8 GEMM:
+    ``(x, h, (h_q, h_scale))``."""
+    if pending is None:
+        h, h_q, h_scale = norm.fp8(x, shift, scale)
+        return x, h, (h_q, h_scale)
+    x, h, h_q, h_scale = norm.gated_fp8(x, pending[0], pending[1], shift, scale)
+    return x, h, (h_q, h_scale)
 
 
 def add_pending(x: Tensor, pending: Optional[Tuple[Tensor, Tensor]]) -> Tensor:
