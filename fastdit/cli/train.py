@@ -85,7 +85,7 @@ def parser(prog: str = "fastdit train") -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="shortcut for run.max_steps")
     p.add_argument("--seed", type=int, default=None, help="shortcut for run.seed")
     p.add_argument("--resume", default=None, help="shortcut for checkpoint.resume (auto | none | PATH)")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="shortcut for run.precision")
+    p.add_argument("--precision", choices=("bf16", "fp32", "fp8"), default=None, help="shortcut for run.precision")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="shortcut for run.compile (torch.compile per block)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")

@@ -557,7 +557,7 @@ def make_sample_fn(config: TrainConfig, objective, conditioner: Optional[ClassCo
     classes = conditioner.default_classes(config.logging.sample_rows)
     labels = torch.tensor(classes).repeat_interleave(opts["per_class"])
     shape = (len(labels), *config.data.latent_shape)
-    autocast = config.run.precision == "bf16"
+    autocast = config.run.precision in ("bf16", "fp8")
 
     def samples(model: nn.Module, step: int) -> torch.Tensor:
         device = next(model.parameters()).device

@@ -42,7 +42,11 @@ class RunConfig:
     device: ``auto`` (cuda:LOCAL_RANK when CUDA is available, else cpu), ``cpu`` or ``cuda``.
     distributed: ``auto`` (DDP when WORLD_SIZE > 1), ``none``, ``ddp`` or ``fsdp`` (FSDP2
         ``fully_shard`` per element of ``model.blocks``, then the root).
-    precision: ``bf16`` (autocast to bfloat16, fp32 weights) or ``fp32``.
+    precision: ``bf16`` (autocast to bfloat16, fp32 weights), ``fp32``, or ``fp8``: bf16 autocast with the
+        Linear layers of the DiT / MMDiT blocks as FP8 GEMMs (:func:`fastdit.modules.fp8.enable_fp8`; master
+        weights, optimizer and residual stream as in bf16).
+    fp8_recipe: with ``precision=fp8``, the recipe (``rowwise``, ``rowwise_hp_wgrad`` or ``tensorwise``; see
+        :mod:`fastdit.ops.fp8_linear`).
     compile: ``torch.compile`` each element of ``model.blocks`` with ``fullgraph=True`` (in place, so
         parameter names do not change).
     compile_ddp_split: with compile under DDP, let dynamo's DDPOptimizer split each compiled block at
@@ -64,6 +68,7 @@ class RunConfig:
     device: str = "auto"
     distributed: str = "auto"
     precision: str = "bf16"
+    fp8_recipe: str = "rowwise"
     compile: bool = False
     compile_ddp_split: bool = False
     gradient_checkpointing: bool = False
@@ -208,7 +213,8 @@ class LoggingConfig:
 _CHOICES = {
     ("run", "device"): ("auto", "cpu", "cuda"),
     ("run", "distributed"): ("auto", "none", "ddp", "fsdp"),
-    ("run", "precision"): ("bf16", "fp32"),
+    ("run", "precision"): ("bf16", "fp32", "fp8"),
+    ("run", "fp8_recipe"): ("rowwise", "rowwise_hp_wgrad", "tensorwise"),
     ("run", "nonfinite"): ("skip", "error"),
     ("schedule", "kind"): ("constant", "cosine"),
 }

@@ -203,7 +203,9 @@ def sample_checkpoint(path: str, *, classes: Optional[Sequence[int]] = None,
     png, npz, renamed = output_paths(output, ckpt, step, overwrite)
     if renamed:
         log(f"{os.path.splitext(default_output(ckpt, step))[0]}.png exists; writing {png} instead")
-    precision = precision or (config.run.precision if device.type == "cuda" else "fp32")
+    # a run trained with precision=fp8 samples in bf16: the model is rebuilt here with stock Linear layers
+    precision = precision or ({"fp8": "bf16"}.get(config.run.precision, config.run.precision)
+                              if device.type == "cuda" else "fp32")
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be bf16 or fp32, got {precision!r}")
 

@@ -154,6 +154,10 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         self.raw_model = unwrap_model(model).to(self.device)
+        self.fp8_report = None
+        if run.precision == "fp8":  # before compile and wrapping: they see the FP8 modules
+            from fastdit.modules.fp8 import enable_fp8
+            self.fp8_report = enable_fp8(self.raw_model, run.fp8_recipe)
         if run.gradient_checkpointing:
             enable_gradient_checkpointing(self.raw_model)
         if run.compile:
@@ -171,7 +175,7 @@ class Trainer:
                                          total_steps=sch.total_steps or run.max_steps,
                                          min_lr_ratio=sch.min_lr_ratio)
         self.ema = EMA(self.model, config.ema.decay, config.ema.warmup) if config.ema.enabled else None
-        self.autocast_dtype = torch.bfloat16 if run.precision == "bf16" else None
+        self.autocast_dtype = torch.bfloat16 if run.precision in ("bf16", "fp8") else None
 
         self.run_dir = run.output_dir
         self.checkpoints = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), config.checkpoint.keep_last)
@@ -247,7 +251,8 @@ class Trainer:
             self._notes = []
             self._log.write({"event": "resume" if self.resumed_from else "start", "step": start,
                              "world_size": self.dist.world_size, "parallel": self.parallel,
-                             "checkpoint": self.resumed_from})
+                             "checkpoint": self.resumed_from,
+                             **({"fp8": str(self.fp8_report)} if self.fp8_report is not None else {})})
         self._bar = self._progress_bar(start)
         flops, tokens = task_flops_per_sample(self.task), task_tokens_per_sample(self.task)
         if cfg.data.prefetch:
