@@ -172,9 +172,21 @@ def dit_variants(args, device) -> List[Dict]:
         s = dict(depth=2, dim=128, heads=2, latent=latent) if args.tiny else {}
         return compiled(StockDiT(**s).to(device), how)
 
-    def ours(backend, how):
+    def ours(backend, how, fp8=None):
         dit = DiT.from_name("DiT-XL/2", backend=backend, learn_sigma=False, input_size=latent, **size)
+        if fp8:  # FP8 mode (issue 16): switched before compile, as the trainer does
+            from fastdit.modules.fp8 import enable_fp8
+            enable_fp8(dit, fp8)
         return compiled(TokenDiT(dit).to(device), how)
+
+    def torchao_fp8(recipe, how):
+        """The stock model with torchao's float8 training on its blocks' Linear layers (the alternative a user
+        would reach for), compiled as ``how``."""
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        model = StockDiT(**(dict(depth=2, dim=128, heads=2, latent=latent) if args.tiny else {})).to(device)
+        convert_to_float8_training(model.blocks, config=Float8LinearConfig.from_recipe_name(recipe))
+        return compiled(model, how)
 
     runs = [("stock-eager", lambda: stock("none")), ("stock-compile", lambda: stock("model"))]
     if args.max_autotune:
@@ -182,6 +194,10 @@ def dit_variants(args, device) -> List[Dict]:
     for backend in args.backends:
         for how in args.compile:
             runs.append((f"fastdit-{backend}-{how}", lambda b=backend, h=how: ours(b, h)))
+            for recipe in args.fp8:
+                runs.append((f"fastdit-{backend}-{how}-fp8-{recipe}", lambda b=backend, h=how, r=recipe: ours(b, h, r)))
+    for recipe in args.torchao:
+        runs.append((f"stock-torchao-{recipe}", lambda r=recipe: torchao_fp8(r, "model")))
     results = args.results
     for name, build in runs:
         if args.only and name not in args.only:
@@ -291,8 +307,9 @@ def measure(name, build, make_batch, device, args, B, flops_per_image) -> Dict:
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model = build()
+    model = None
     try:
+        model = build()  # inside: a variant whose build fails (a missing library) is recorded, not fatal
         profile_to = os.path.join(args.out, f"profile_{args.slug}_{name}.txt") if (args.profile and args.out) else ""
         seconds = time_steps(model, make_batch, device, args.steps, args.warmup, profile_to, args.forward_only)
         row = {"variant": name, "ms_per_step": 1e3 * seconds, "images_per_s": B / seconds,
@@ -329,6 +346,12 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", nargs="+", default=["auto", "reference"])
     parser.add_argument("--compile", nargs="+", default=["blocks"], choices=("none", "blocks", "model"))
     parser.add_argument("--only", nargs="*", default=None, help="run only these variants")
+    parser.add_argument("--fp8", nargs="*", default=[], metavar="RECIPE",
+                        help="also fastdit's FP8 mode with these recipes (rowwise, rowwise_hp_wgrad, tensorwise), "
+                             "for each backend and compile mode (dit only)")
+    parser.add_argument("--torchao", nargs="*", default=[], metavar="RECIPE",
+                        help="also the stock model with torchao float8 training (recipes: rowwise, tensorwise), "
+                             "compiled whole (dit only)")
     parser.add_argument("--attention-path", choices=("kernel", "prepass", "sdpa"), default=None,
                         help="force fastdit's attention path under backend auto (default: its own choice)")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
