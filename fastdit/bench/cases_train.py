@@ -8,6 +8,7 @@ zero), loaded by state dict.
 - ``train.dit-xl2`` (shape ``dit-xl2``): DiT-XL/2 on 4×32×32 latents (256 px), learn_sigma off, no label
   dropout; batch 128 on an 80 GB GPU, fewer where ``ctx.memory_bytes`` is smaller. Peers: ``fastdit``
   (``fastdit.models.DiT``, backend auto, eager), ``fastdit-compile`` (whole-model ``torch.compile``),
+  ``fastdit-fp8-compile`` (the same with ``enable_fp8(model, "rowwise")``: FP8 GEMMs, fused FP8 inputs),
   ``eager`` / ``compile`` / ``compile-max-autotune`` (``stock.StockDiT``), ``torchao-float8``
   (``torchao.float8.convert_to_float8_training`` on the stock blocks' Linears, then ``torch.compile``).
   FLOPs: ``DiT.flops_per_sample(training=True)`` × batch (712 GFLOP per image: 3 × forward).
@@ -95,6 +96,12 @@ def make_dit(ctx, shape: str, p) -> Workload:
         model.load_state_dict(state, strict=True)
         return model.to(ctx.device)
 
+    def fastdit_fp8_model() -> nn.Module:
+        from fastdit.modules.fp8 import enable_fp8
+        model = fastdit_model()
+        enable_fp8(model, "rowwise")
+        return model
+
     x = ctx.randn(B, 4, p["latent"], p["latent"], dtype=torch.float32)
     t = (torch.rand(B, generator=private_generator(ctx, 1)) * 1000).to(ctx.device)
     y = torch.randint(0, 1000, (B,), generator=private_generator(ctx, 2)).to(ctx.device)
@@ -113,6 +120,7 @@ def make_dit(ctx, shape: str, p) -> Workload:
         return Peer(name, build)
 
     peers = [peer("fastdit", fastdit_model), peer("fastdit-compile", fastdit_model, "default"),
+             peer("fastdit-fp8-compile", fastdit_fp8_model, "default"),
              peer("eager", stock_model), peer("compile", stock_model, "default")]
     peers.append(max_autotune_peer(ctx, peer("compile-max-autotune", stock_model, MAX_AUTOTUNE).build))
     peers.append(_torchao_peer(ctx, stock_model, ("blocks",), make_step))
