@@ -59,6 +59,10 @@ def parser(prog: str = "fastdit scaling") -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan (grid, FLOPs, estimate) and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--backend", choices=BACKENDS, default=None, help="default: FASTDIT_BACKEND or auto")
+    p.add_argument("--precision", choices=("bf16", "fp32", "fp8"), default=None,
+                   help="training precision of every point (default: the data's: digits bf16 on CUDA, fp32 on the "
+                        "CPU; --config: its run.precision). fp8: the blocks' Linear layers as FP8 GEMMs -- run "
+                        "the same grid in two folders to compare the loss of fp8 and bf16 point by point")
     return p
 
 
@@ -77,7 +81,7 @@ def _config(args: argparse.Namespace, p: argparse.ArgumentParser):
                              threads=args.threads, base_config=base, held_out=args.held_out, ae_steps=args.ae_steps,
                              fd_samples=args.fd_samples, sample_steps=args.sample_steps, cfg_scale=args.cfg_scale,
                              fd=not args.no_fd, eval_repeats=args.eval_repeats, confidence=args.confidence,
-                             progress=not args.no_progress).check()
+                             progress=not args.no_progress, precision=args.precision).check()
     except (GridError, ConfigError) as err:
         p.error(str(err))
 

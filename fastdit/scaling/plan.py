@@ -34,7 +34,10 @@ def measure_step_seconds(config: TrainConfig, steps: int = 2) -> float:
     model = built.model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-12)
     data = iter(built.dataset)
-    autocast = config.run.precision == "bf16"
+    autocast = config.run.precision in ("bf16", "fp8")
+    if config.run.precision == "fp8":
+        from fastdit.modules.fp8 import enable_fp8
+        enable_fp8(model, config.run.fp8_recipe)
 
     def one() -> None:
         batch = {k: v.to(device) for k, v in next(data).items()}

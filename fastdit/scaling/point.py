@@ -54,7 +54,10 @@ class GridPoint:
                 "batch_size": c.data.batch_size, "lr": c.optim.lr, "seed": c.run.seed,
                 "task": {"name": c.task.name, "options": c.task.options},
                 "data": {"kind": c.data.kind, "path": path, "num_classes": c.data.num_classes},
-                "eval": eval_spec}
+                "eval": eval_spec,
+                # FP8 points never stand in for bf16 ones (and vice versa); bf16/fp32 follow the device as
+                # they always did, so folders made before this field existed still resume
+                **({"precision": c.run.precision} if c.run.precision == "fp8" else {})}
 
 
 def point_config(base: TrainConfig, size: ModelSize, steps: int, out_dir: str, digits_warmup: bool) -> TrainConfig:

@@ -148,6 +148,7 @@ class ScalingConfig:
     fd: bool = True
     confidence: float = 0.95
     progress: bool = True
+    precision: Optional[str] = None      # None: the data's default (digits: bf16 on CUDA, fp32 on the CPU)
 
     def check(self) -> "ScalingConfig":
         if not self.sizes or not self.budgets:

@@ -94,6 +94,8 @@ class Study:
                     base = digits_plan_config(cfg, device)
             else:
                 base, evald, info = prepare_configured(cfg, device)
+        if cfg.precision is not None:
+            base.run.precision = cfg.precision
         points = []
         for size in cfg.sizes:
             for steps in cfg.budgets:

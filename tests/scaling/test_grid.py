@@ -244,3 +244,21 @@ def test_a_point_interrupted_after_training_resumes_from_its_checkpoint(first_ru
     assert point["status"] == "ok" and point["resumed_from"] and "resumed" in point["note"]
     before = next(p for p in _report(first_run[0])["points"] if p["key"] == "h64-d1_s8")
     assert point["held_out_loss"] == pytest.approx(before["held_out_loss"], rel=1e-6)  # same weights, same draws
+
+
+def test_fp8_points_train_in_fp8_and_never_stand_in_for_the_folders_other_points(first_run, tmp_path, capsys):
+    """--precision fp8 in a folder of fp32 points: refused (the points would not be comparable); in its own
+    folder (the digits data copied, so no autoencoder is retrained) the grid trains with FP8 GEMMs."""
+    out = _copy(first_run, tmp_path)
+    assert main(_args(out, "--precision", "fp8")) == 2
+    assert "precision differ" in capsys.readouterr().err
+    fp8 = tmp_path / "fp8"
+    shutil.copytree(out / "data", fp8 / "data")
+    assert main(_args(fp8, "--precision", "fp8", "--no-fd")) == 0
+    report = _report(fp8)
+    assert len(report["points"]) == 4 and all(p["status"] == "ok" for p in report["points"])
+    assert all(p["spec"]["precision"] == "fp8" for p in report["points"])
+    # the same sizes, steps and data as the fp32 grid: the held-out losses are of the same order
+    fp32 = {p["key"]: p["held_out_loss"] for p in _report(first_run[0])["points"]}
+    for p in report["points"]:
+        assert 0.5 < p["held_out_loss"] / fp32[p["key"]] < 2.0, (p["key"], p["held_out_loss"], fp32[p["key"]])
