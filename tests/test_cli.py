@@ -49,7 +49,9 @@ def test_info_reports_versions_and_op_paths(capsys):
     assert info["op_paths (bf16 inputs)"]["adaln_modulate"] == "reference"  # CPU: no kernel under auto
     assert set(info["op_paths (bf16 inputs)"]) == {"adaln_modulate", "gated_residual_adaln", "rms_norm",
                                                    "rope", "qk_norm_rope", "joint_attention",
-                                                   "linear_gelu (inference; Mlp takes it under triton)"}
+                                                   "linear_gelu (inference; Mlp takes it under triton)",
+                                                   "fp8_linear (precision=fp8)"}
+    assert info["op_paths (bf16 inputs)"]["fp8_linear (precision=fp8)"] == "torch._scaled_mm"  # CPU runs it too
     assert info["op_paths (bf16 inputs)"]["linear_gelu (inference; Mlp takes it under triton)"].startswith("reference")
     from fastdit.ops._common import traceable_kernels
     expected = "triton_op" if traceable_kernels() else "opaque custom ops"

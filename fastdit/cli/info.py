@@ -45,6 +45,14 @@ def op_paths(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
                 "cuBLASLt GELU epilogue" if gelu_fast else "reference (linear, then GELU)"
         except ValueError as err:
             paths["linear_gelu (inference; Mlp takes it under triton)"] = f"error: {err}"
+    from fastdit.ops.fp8_linear import fast_path_reason as fp8_reason
+    try:
+        weight = torch.zeros(D, D, device=device, dtype=torch.float32)
+        reason = fp8_reason(x, weight)
+        fast = use_triton("fp8_linear", None, lambda: reason, True)
+        paths["fp8_linear (precision=fp8)"] = "torch._scaled_mm" if fast else f"reference (dequantised): {reason}"
+    except ValueError as err:
+        paths["fp8_linear (precision=fp8)"] = f"error: {err}"
     return paths
 
 
