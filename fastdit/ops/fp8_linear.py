@@ -77,7 +77,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastdit.ops._common import check, check_floating, check_same_device, join_reasons, shape_str, use_triton
+from fastdit.ops._common import (check, check_floating, check_same_device, join_reasons, kernel_can_run, shape_str,
+                                 use_triton)
 
 _OP = "fp8_linear"
 
@@ -291,47 +292,83 @@ def fast_path_reason(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -
 Operands = Tuple[Tensor, Tensor, Tensor, Tensor]  # a (P, R) row-major, scale_a, b (R, Q) column-major, scale_b
 
 
-def _a_operand(a: Tensor, dtype: torch.dtype, rowwise: bool) -> Tuple[Tensor, Tensor]:
-    """a (P, R), reduced over R: quantised per row (P scales) or per tensor; data row-major."""
-    data, scale = quantize_rows(a, dtype) if rowwise else quantize_tensor(a, dtype)
+def _quant_kernel_ok(t: Tensor) -> bool:
+    """Whether fastdit's quantisation kernel (fastdit.kernels.fp8_quantize: any strides, transposed output,
+    one amax pass for both sides) computes the rowwise operands: eagerly on CUDA or under the interpreter. While
+    torch.compile traces, the torch ops below are used (Inductor fuses their amax and cast itself)."""
+    return t.numel() > 0 and kernel_can_run(t) and not torch.compiler.is_compiling()
+
+
+def _rows_of(t: Tensor, dtype: torch.dtype, pad_to: int = 1, fast: bool = False) -> Tuple[Tensor, Tensor]:
+    """quantize_rows(t) as a row-major (rows, cols_pad) operand -- columns padded with zeros up to a multiple of
+    ``pad_to`` -- and its (rows, 1) scale. ``fast``: with the kernel where it runs (the same bits), reading t
+    through its strides (t may be a transposed view); the reference always uses the torch ops."""
+    if fast and _quant_kernel_ok(t):
+        from fastdit.kernels.fp8_quantize import quantize_rows_cols
+        _, _, data_t, scale = quantize_rows_cols(t.t(), None, dtype, EPS, pad_to=pad_to)
+        return data_t, scale
+    pad = -t.shape[1] % pad_to
+    data, scale = quantize_rows(F.pad(t, (0, pad)) if pad else t, dtype)
     return data.contiguous(), scale
 
 
-def _b_operand(b_t: Tensor, dtype: torch.dtype, rowwise: bool) -> Tuple[Tensor, Tensor]:
+def _a_operand(a: Tensor, dtype: torch.dtype, rowwise: bool, pad_to: int = 1, fast: bool = False
+               ) -> Tuple[Tensor, Tensor]:
+    """a (P, R), reduced over R: quantised per row (P scales) or per tensor; data row-major."""
+    if rowwise:
+        return _rows_of(a, dtype, pad_to, fast)
+    pad = -a.shape[1] % pad_to
+    data, scale = quantize_tensor(F.pad(a, (0, pad)) if pad else a, dtype)
+    return data.contiguous(), scale
+
+
+def _b_operand(b_t: Tensor, dtype: torch.dtype, rowwise: bool, pad_to: int = 1, fast: bool = False
+               ) -> Tuple[Tensor, Tensor]:
     """The b operand (R, Q) given as its transpose b_t (Q, R), reduced over R: quantised per column of b
     (Q scales, returned as (1, Q)) or per tensor; data column-major."""
-    data, scale = quantize_rows(b_t, dtype) if rowwise else quantize_tensor(b_t, dtype)
-    return data.contiguous().t(), scale.t() if rowwise else scale
+    data, scale = _a_operand(b_t, dtype, rowwise, pad_to, fast)
+    return data.t(), scale.t() if rowwise else scale
 
 
-def _forward_operands(x2: Tensor, weight: Tensor, recipe: Fp8Recipe, x_fp8) -> Operands:
+def _forward_operands(x2: Tensor, weight: Tensor, recipe: Fp8Recipe, x_fp8, fast: bool = False) -> Operands:
     """y = X @ W^T: X (M, K) per row, W (N, K) per row (= per column of W^T)."""
     if x_fp8 is not None:
         M, K = x2.shape
         xq, sx = x_fp8[0].reshape(M, K).contiguous(), x_fp8[1].reshape(M, 1).contiguous()
     else:
-        xq, sx = _a_operand(x2, X_DTYPE, recipe.rowwise)
-    wq, sw = _b_operand(weight, X_DTYPE, recipe.rowwise)
+        xq, sx = _a_operand(x2, X_DTYPE, recipe.rowwise, fast=fast)
+    wq, sw = _b_operand(weight, X_DTYPE, recipe.rowwise, fast=fast)
     return xq, sx, wq, sw
 
 
-def _dgrad_operands(dy: Tensor, weight: Tensor, recipe: Fp8Recipe) -> Operands:
-    """dX = dY @ W: dY (M, N) per row in the grad dtype, W (N, K) per column."""
-    dyq, sdy = _a_operand(dy, recipe.grad_dtype, recipe.rowwise)
-    wq, sw = _b_operand(weight.t(), X_DTYPE, recipe.rowwise)
+def _dgrad_operands(dy: Tensor, weight: Tensor, recipe: Fp8Recipe, dy_rows=None, fast: bool = False) -> Operands:
+    """dX = dY @ W: dY (M, N) per row in the grad dtype, W (N, K) per column. ``dy_rows``: dY's rows already
+    quantised (the fused pass of :func:`_backward_dy_operands`)."""
+    dyq, sdy = dy_rows if dy_rows is not None else _a_operand(dy, recipe.grad_dtype, recipe.rowwise, fast=fast)
+    wq, sw = _b_operand(weight.t(), X_DTYPE, recipe.rowwise, fast=fast)
     return dyq, sdy, wq, sw
 
 
-def _wgrad_operands(dy: Tensor, x2: Tensor, recipe: Fp8Recipe, pad_to: int = 1) -> Operands:
+def _wgrad_operands(dy: Tensor, x2: Tensor, recipe: Fp8Recipe, pad_to: int = 1, dy_cols=None,
+                    fast: bool = False) -> Operands:
     """dW = dY^T @ X: dY^T (N, M) per row (= per column of dY) in the grad dtype, X (M, K) per column.
-    ``pad_to``: append zero tokens up to a multiple of it (the reduction dimension; zeros change no amax,
-    quantise to 0 and add exact zeros)."""
-    pad = -x2.shape[0] % pad_to
-    if pad:
-        dy, x2 = F.pad(dy, (0, 0, 0, pad)), F.pad(x2, (0, 0, 0, pad))
-    dytq, sdyt = _a_operand(dy.t(), recipe.grad_dtype, recipe.rowwise)
-    xq, sx = _b_operand(x2.t(), X_DTYPE, recipe.rowwise)
+    ``pad_to``: zero tokens appended up to a multiple of it (the reduction dimension; zeros change no amax,
+    quantise to 0 and add exact zeros). ``dy_cols``: dY^T already quantised and padded."""
+    dytq, sdyt = dy_cols if dy_cols is not None else _a_operand(dy.t(), recipe.grad_dtype, recipe.rowwise, pad_to,
+                                                                fast)
+    xq, sx = _b_operand(x2.t(), X_DTYPE, recipe.rowwise, pad_to, fast)
     return dytq, sdyt, xq, sx
+
+
+def _backward_dy_operands(dy: Tensor, recipe: Fp8Recipe, rows: bool, cols: bool, pad_to: int):
+    """(dY per row, dY^T per row padded) for the dgrad and the wgrad, from one amax pass and one quantising
+    pass over dY when the kernel runs (rowwise recipes); (None, None) otherwise: each GEMM quantises its own."""
+    if not (recipe.rowwise and (rows or cols) and _quant_kernel_ok(dy)):
+        return None, None
+    from fastdit.kernels.fp8_quantize import quantize_rows_cols
+    gd = recipe.grad_dtype
+    rq, rs, cq, cs = quantize_rows_cols(dy, gd if rows else None, gd if cols else None, EPS, pad_to=pad_to)
+    return ((rq, rs) if rows else None), ((cq, cs) if cols else None)
 
 
 # ------------------------------------------------------------------------------------------- fast path
@@ -352,7 +389,7 @@ class _Fp8LinearFunction(torch.autograd.Function):
     def forward(ctx, x2, weight, bias, recipe, out_dtype, x_fp8_data, x_fp8_scale):
         x_fp8 = None if x_fp8_data is None else (x_fp8_data, x_fp8_scale)
         with torch.autocast(x2.device.type, enabled=False):
-            y = _scaled_gemm(_forward_operands(x2, weight, recipe, x_fp8), out_dtype, bias)
+            y = _scaled_gemm(_forward_operands(x2, weight, recipe, x_fp8, fast=True), out_dtype, bias)
         # x in high precision, not its fp8 copy: the wgrad quantises X per column (and "high" multiplies it)
         ctx.save_for_backward(x2, weight)
         ctx.recipe, ctx.out_dtype = recipe, out_dtype
@@ -367,13 +404,15 @@ class _Fp8LinearFunction(torch.autograd.Function):
         dx = dw = db = None
         with torch.autocast(dy.device.type, enabled=False):
             dy = dy.to(ctx.out_dtype)
+            fp8_wgrad = need_w and recipe.weight_grad != "high"
+            dy_rows, dy_cols = _backward_dy_operands(dy, recipe, need_x, fp8_wgrad, CUDA_ALIGN)
             if need_x:
-                dx = _scaled_gemm(_dgrad_operands(dy, weight, recipe), x2.dtype)
+                dx = _scaled_gemm(_dgrad_operands(dy, weight, recipe, dy_rows, fast=True), x2.dtype)
             if need_w:
                 if recipe.weight_grad == "high":
                     dw = torch.mm(dy.t(), x2.to(dy.dtype)).to(weight.dtype)
                 else:
-                    dw = _scaled_gemm(_wgrad_operands(dy, x2, recipe, pad_to=CUDA_ALIGN), weight.dtype)
+                    dw = _scaled_gemm(_wgrad_operands(dy, x2, recipe, CUDA_ALIGN, dy_cols, fast=True), weight.dtype)
             if need_b and ctx.bias_dtype is not None:
                 db = dy.float().sum(0).to(ctx.bias_dtype)
         return dx, dw, db, None, None, None, None
