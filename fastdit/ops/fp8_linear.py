@@ -54,7 +54,11 @@ bias in the output dtype), added after for fp32 outputs. What ``_scaled_mm`` req
 both rowwise ((rows, 1) and (1, cols), contiguous) or both 0-d; on CUDA compute capability >= 8.9, K and N
 multiples of 16, not both operands e5m2, bias not with an fp32 output. The wgrad GEMM reduces over M, which
 CUDA would also need to be a multiple of 16: its operands are padded with zero tokens (exact) when it is not.
-On CPU (torch 2.13) it accepts any sizes and layouts and fp64/fp32/bf16/fp16 outputs.
+On CPU (torch 2.13) it accepts any sizes and layouts and fp64/fp32/bf16/fp16 outputs. Row-wise scaled GEMMs on
+CUDA may write bfloat16 only (CUTLASS's f8f8bf16 kernels; probed once per device): other outputs are then
+computed in bfloat16 and cast. Eagerly on CUDA (and under Triton's interpreter) the row-wise operands come from
+fastdit's quantisation kernel (:mod:`fastdit.kernels.fp8_quantize`: the same bits, dY read for both backward
+GEMMs at once, transposed copies written directly).
 
 **Reference** (:func:`fp8_linear_ref`, same signature): the same quantised operands (the same functions
 compute them), dequantised to float64 (``data.double() * scale.double()``, exact) and multiplied in float64;
@@ -373,8 +377,34 @@ def _backward_dy_operands(dy: Tensor, recipe: Fp8Recipe, rows: bool, cols: bool,
 
 # ------------------------------------------------------------------------------------------- fast path
 
+_ROWWISE_OUT: Dict[Tuple[str, torch.dtype], bool] = {}
+
+
+def _rowwise_writes(device: torch.device, out_dtype: torch.dtype) -> bool:
+    """Whether ``torch._scaled_mm`` with row-wise scales writes ``out_dtype`` on this CUDA device (some builds
+    take bfloat16 only): probed once per (device, dtype) on a 16x16x16 GEMM, eagerly; while torch.compile
+    traces before any probe, assumed not."""
+    key = (str(device), out_dtype)
+    if key not in _ROWWISE_OUT:
+        if torch.compiler.is_compiling():
+            return False
+        a = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
+        ones = torch.ones(16, 1, device=device)
+        try:
+            torch._scaled_mm(a, a.t(), scale_a=ones, scale_b=ones.t(), out_dtype=out_dtype)
+            _ROWWISE_OUT[key] = True
+        except RuntimeError:
+            _ROWWISE_OUT[key] = False
+    return _ROWWISE_OUT[key]
+
+
 def _scaled_gemm(operands: Operands, out_dtype: torch.dtype, bias: Optional[Tensor] = None) -> Tensor:
     a, sa, b, sb = operands
+    if a.is_cuda and out_dtype != torch.bfloat16 and (sa.numel() > 1 or sb.numel() > 1) \
+            and not _rowwise_writes(a.device, out_dtype):
+        # this CUDA build's row-wise scaled GEMM (CUTLASS f8f8bf16) writes bfloat16 only: take that and cast
+        # (an autocast bf16 Linear's gradients are bf16 too before they reach fp32 parameters)
+        return _scaled_gemm(operands, torch.bfloat16, bias).to(out_dtype)
     if bias is not None and out_dtype in (torch.bfloat16, torch.float16):
         # fused in the epilogue; CUDA wants the bias in the output dtype (and none with an fp32 output)
         return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, bias=bias.to(out_dtype), out_dtype=out_dtype)
