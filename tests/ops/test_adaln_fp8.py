@@ -52,7 +52,7 @@ def poisoned():
 @pytest.mark.parametrize("B,N,D,per_token", [(2, 7, 72, False), (1, 5, 1152, False), (3, 3, 123, True),
                                              (1, 1, 48, False)])
 @pytest.mark.parametrize("dtype,mod_dtype", [(torch.float32, None), (torch.float16, None),
-                                             (torch.float32, torch.bfloat16)])
+                                             (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
 def test_fp8_outputs_are_the_row_quantisation_of_out_bit_for_bit(B, N, D, per_token, dtype, mod_dtype, gated,
                                                                   fp8_dtype, device, poisoned):
     inputs = make(B, N, D, per_token, dtype, mod_dtype, gated, device=device)
@@ -100,7 +100,7 @@ def test_zero_rows_and_saturating_values(device):
 
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("dtype,mod_dtype", [(torch.float32, None), (torch.float16, None),
-                                             (torch.float32, torch.bfloat16)])
+                                             (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
 def test_out_and_every_gradient_follow_the_2x_rule(gated, dtype, mod_dtype, device):
     """Gradients flow through out (the FP8 GEMM's backward sends its gradient there), not the fp8 outputs."""
     inputs = make(2, 7, 72, True, dtype, mod_dtype, gated, requires_grad=True, device=device)
