@@ -105,7 +105,9 @@ def _check_fp8_dtype(dtype: torch.dtype) -> None:
 
 def _scale_and_data(t: Tensor, amax: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     fmax = torch.finfo(dtype).max
-    scale = amax.float().clamp(min=EPS) / fmax
+    # fmax as a tensor on amax's device: CUDA torch divides by a Python scalar as a multiplication by its
+    # reciprocal (1/448 is inexact: scales 1 ulp off the IEEE quotient, seen on an H100), by a tensor exactly
+    scale = amax.float().clamp(min=EPS) / torch.full((), fmax, dtype=torch.float32, device=amax.device)
     data = (t.float() / scale).clamp(-fmax, fmax).to(dtype)
     return data, scale
 

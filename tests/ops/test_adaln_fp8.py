@@ -20,7 +20,8 @@ def quantized_rows(out, fp8_dtype, amax_eps=1e-12):
     """Independent per-row quantisation: scale = max(amax, eps) / fmax in fp32, data = RNE(sat(out / scale))."""
     rows = out.reshape(-1, out.shape[-1]).float()
     fmax = torch.finfo(fp8_dtype).max
-    scale = rows.abs().amax(-1, keepdim=True).clamp(min=amax_eps) / fmax
+    # divided by a tensor: CUDA torch divides by a Python scalar through its (inexact) reciprocal
+    scale = rows.abs().amax(-1, keepdim=True).clamp(min=amax_eps) / torch.full((), fmax, device=rows.device)
     data = (rows / scale).clamp(-fmax, fmax).to(fp8_dtype)
     return data.view(out.shape), scale.view(*out.shape[:-1], 1)
 

@@ -156,7 +156,7 @@ def q_independent(t, fp8, rowwise):
     """Quantisation written out: scale = max(amax, eps) / fmax (fp32), data = RNE(sat(t / scale))."""
     t = t.float()
     amax = t.abs().amax(dim=-1, keepdim=True) if rowwise else t.abs().amax()
-    scale = amax.clamp(min=1e-12) / fmax(fp8)
+    scale = amax.clamp(min=1e-12) / torch.full((), fmax(fp8), device=t.device)  # a tensor: IEEE on CUDA too
     return (t / scale).clamp(-fmax(fp8), fmax(fp8)).to(fp8).double() * scale.double()
 
 
