@@ -57,7 +57,8 @@ class JointAttention(nn.Module):
              ) -> Tuple[Tensor, Tensor, Tensor]:
         B, N, _ = x.shape
         # x_fp8: x already quantised per row by the norm before (FP8 mode, fastdit.modules.fp8)
-        out = qkv(x) if x_fp8 is None else qkv(x, x_fp8=x_fp8)
+        # (an FP8 block may keep a layer that _scaled_mm cannot take in bf16: it quantises nothing)
+        out = qkv(x, x_fp8=x_fp8) if x_fp8 is not None and getattr(qkv, "takes_fp8_input", False) else qkv(x)
         # Feature order of the projection is (3, heads, head_dim), as in DiT/timm and Flux.
         return out.view(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # (B, N, H, d) views
 

@@ -16,9 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple, Union
 
+import torch
 from torch import Tensor, nn
 
-from fastdit.ops.fp8_linear import Fp8Recipe, fp8_linear, resolve_recipe
+from fastdit.backend import resolve_backend
+from fastdit.ops.fp8_linear import (CUDA_MIN_CAPABILITY, Fp8Recipe, _alignment_reason, fp8_linear,
+                                    resolve_recipe)
 
 # Linear layers switched inside each block kind, by their name in the block
 _BLOCK_LINEARS = {
@@ -36,6 +39,7 @@ class Fp8Linear(nn.Linear):
 
     recipe: Union[str, Fp8Recipe] = "rowwise"
     backend: Optional[str] = None
+    takes_fp8_input = True  # the blocks pass their norms' FP8 rows to layers that say so
 
     def forward(self, x: Tensor, x_fp8: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         return fp8_linear(x, self.weight, self.bias, recipe=self.recipe, x_fp8=x_fp8, backend=self.backend)
@@ -53,11 +57,13 @@ class Fp8Report:
     linears: List[str] = field(default_factory=list)
     blocks: List[str] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         text = (f"fp8 ({self.recipe}): {len(self.linears)} Linear layers in {len(self.blocks)} blocks run as "
                 f"FP8 GEMMs")
-        return text + (f"; left in bf16: {', '.join(self.skipped)}" if self.skipped else "")
+        text += f"; left in bf16: {', '.join(self.skipped)}" if self.skipped else ""
+        return text + "".join(f"; {note}" for note in self.notes)
 
 
 def _fp8_blocks(model: nn.Module):
@@ -70,24 +76,58 @@ def _fp8_blocks(model: nn.Module):
             yield name, module, _BLOCK_LINEARS["DiTBlock"]
 
 
+def _check_device(device: torch.device, backend: Optional[str], report: Fp8Report) -> None:
+    """FP8 needs FP8 tensor cores on CUDA (a clear error at start-up, not a slow fallback per call); on the CPU
+    it runs torch's dequantising ``_scaled_mm`` -- correct and slow -- and the report says so."""
+    if resolve_backend(backend) == "reference":
+        report.notes.append("backend='reference': every FP8 GEMM is the dequantising float reference (slow)")
+    elif device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < CUDA_MIN_CAPABILITY:
+            raise ValueError(f"enable_fp8: FP8 GEMMs need compute capability >= 8.9 (Ada, Hopper or newer); "
+                             f"{torch.cuda.get_device_name(device)} is sm_{capability[0]}{capability[1]}: train "
+                             f"with precision=bf16 on this GPU")
+    elif device.type == "cpu":
+        report.notes.append("on the CPU: torch._scaled_mm dequantises (the FP8 numerics, not its speed)")
+    else:
+        raise ValueError(f"enable_fp8: the model is on {device}; FP8 GEMMs run on CUDA (sm_89+) and the CPU")
+
+
+def _layer_skip_reason(layer: nn.Linear, device: torch.device, backend: Optional[str]) -> Optional[str]:
+    """Why ``layer`` stays in bf16 on ``device``: sizes CUDA's ``_scaled_mm`` cannot take (the CPU takes any)."""
+    if device.type != "cuda" or resolve_backend(backend) == "reference":
+        return None
+    return _alignment_reason(layer.in_features, layer.out_features)
+
+
 def enable_fp8(model: nn.Module, recipe: Union[str, Fp8Recipe] = "rowwise", backend: Optional[str] = None
                ) -> Fp8Report:
     """Switch every DiT / MMDiT block of ``model`` to FP8 (see the module docstring), in place.
 
     ``recipe``: a name of :data:`fastdit.ops.fp8_linear.RECIPES` or an Fp8Recipe. The fused FP8 inputs of qkv
     and fc1 are row-quantised, so a tensorwise recipe switches the GEMMs but leaves the norms as they are (the
-    GEMM quantises its own input). ``backend``: for the FP8 GEMMs (None: the global default; "auto" falls back
-    to the dequantising reference where ``torch._scaled_mm`` cannot run, e.g. a GPU older than sm_89).
-    Raises ValueError when ``model`` has no such block (a silent no-op would train in bf16 unnoticed)."""
+    GEMM quantises its own input). ``backend``: for the FP8 GEMMs (None: the global default; "reference" = the
+    dequantising float reference). Checked here, once, on the device the model is on: a CUDA GPU without FP8
+    tensor cores (older than sm_89), or another device than CUDA and the CPU, is a ValueError; a layer whose
+    sizes ``_scaled_mm`` cannot take on CUDA (not multiples of 16) stays in bf16 and is listed in
+    ``report.skipped``; on the CPU ``report.notes`` says the GEMMs are emulated. Raises ValueError when
+    ``model`` has no such block (a silent no-op would train in bf16 unnoticed). Call it after moving the model
+    to its device (the trainer does)."""
     resolved = resolve_recipe(recipe)
     name = recipe if isinstance(recipe, str) else repr(recipe)
     report = Fp8Report(recipe=name)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    _check_device(device, backend, report)
     for block_name, block, linears in _fp8_blocks(model):
         for rel in linears:
             layer = block.get_submodule(rel)
             qualified = f"{block_name}.{rel}" if block_name else rel
             if type(layer) not in (nn.Linear, Fp8Linear):
                 report.skipped.append(f"{qualified} ({type(layer).__name__} is not a plain nn.Linear)")
+                continue
+            reason = _layer_skip_reason(layer, device, backend)
+            if reason:
+                report.skipped.append(f"{qualified} ({reason})")  # stays in bf16 (said once, in the report)
                 continue
             layer.__class__ = Fp8Linear
             layer.recipe, layer.backend = recipe, backend

@@ -161,3 +161,37 @@ def test_an_fp8_block_compiles_whole_and_matches_eager():
     assert torch.equal(out, eager)
     for g, ge in zip(grads, grads_eager):
         assert torch.equal(g, ge)
+
+
+def test_a_layer_cuda_cannot_take_stays_in_bf16_and_the_block_still_runs(monkeypatch):
+    """On CUDA a layer whose sizes are not multiples of 16 stays nn.Linear (listed in the report); the block's
+    norms still emit FP8 rows for the others, and that layer simply takes its bf16 input."""
+    import fastdit.modules.fp8 as fp8
+
+    assert fp8._layer_skip_reason(torch.nn.Linear(64, 100), torch.device("cuda"), None) == (
+        "out (N) = 100 not a multiple of 16; torch._scaled_mm on CUDA needs K and N multiples of 16")
+    assert fp8._layer_skip_reason(torch.nn.Linear(72, 100), torch.device("cpu"), None) is None
+    monkeypatch.setattr(fp8, "_layer_skip_reason",
+                        lambda layer, device, backend: "too odd" if layer.out_features == 512 else None)
+    block = DiTBlock(128, 2)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    report = enable_fp8(block)
+    assert report.skipped == ["mlp.fc1 (too odd)"] and type(block.mlp.fc1) is torch.nn.Linear
+    assert type(block.attn.qkv) is Fp8Linear and block.fp8_inputs
+    x, c = torch.randn(2, 9, 128, requires_grad=True), torch.randn(2, 128)
+    block(x, c).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_a_gpu_without_fp8_tensor_cores_is_refused_at_start_up(monkeypatch):
+    import fastdit.modules.fp8 as fp8
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ValueError, match="FP8 GEMMs need compute capability >= 8.9 .* NVIDIA A100-SXM4-80GB is "
+                                         "sm_80: train with precision=bf16"):
+        fp8._check_device(torch.device("cuda"), None, fp8.Fp8Report("rowwise"))
+    report = fp8.Fp8Report("rowwise")
+    fp8._check_device(torch.device("cpu"), None, report)
+    assert report.notes == ["on the CPU: torch._scaled_mm dequantises (the FP8 numerics, not its speed)"]
