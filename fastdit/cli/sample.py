@@ -50,8 +50,9 @@ def parser(prog: str = "fastdit sample") -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sample i gets the same noise in any batch size")
     p.add_argument("--batch-size", type=int, default=64, help="samples per model batch")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
-                   help="model autocast (default: the run's on CUDA, fp32 on CPU)")
+    p.add_argument("--precision", choices=("bf16", "fp32", "fp8"), default=None,
+                   help="model autocast (default: the run's on CUDA -- bf16 for an fp8 run --, fp32 on CPU); fp8: "
+                        "the blocks' Linear layers as FP8 GEMMs, each weight quantised once")
     p.add_argument("--set", dest="overrides", metavar="SECTION.KEY=VALUE", action="append", default=[],
                    help="override a setting of the run's stored config before building the model "
                         "(e.g. model.options.backend=reference, data.options.display_scale=2; repeatable)")

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from fastdit.backend import resolve_backend
 from fastdit.ops.fp8_linear import (CUDA_MIN_CAPABILITY, Fp8Recipe, _alignment_reason, fp8_linear,
-                                    resolve_recipe)
+                                    quantize_rows, resolve_recipe)
 
 # Linear layers switched inside each block kind, by their name in the block
 _BLOCK_LINEARS = {
@@ -42,7 +42,25 @@ class Fp8Linear(nn.Linear):
     takes_fp8_input = True  # the blocks pass their norms' FP8 rows to layers that say so
 
     def forward(self, x: Tensor, x_fp8: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
-        return fp8_linear(x, self.weight, self.bias, recipe=self.recipe, x_fp8=x_fp8, backend=self.backend)
+        w_fp8 = None
+        if not (torch.is_grad_enabled() and self.weight.requires_grad) and not torch.compiler.is_compiling() \
+                and resolve_recipe(self.recipe).rowwise:
+            w_fp8 = self.quantized_weight()
+        return fp8_linear(x, self.weight, self.bias, recipe=self.recipe, x_fp8=x_fp8, backend=self.backend,
+                          w_fp8=w_fp8)
+
+    def quantized_weight(self) -> Tuple[Tensor, Tensor]:
+        """``quantize_rows(weight)``, kept between calls without gradients (sampling: the weights are quantised
+        once, not at every step) and recomputed when the weight changes (in-place updates bump its version:
+        an optimizer step, an EMA swap, ``load_state_dict``). Not a buffer: checkpoints stay stock."""
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        cached = self.__dict__.get("_fp8_weight")
+        if cached is None or cached[0] != key:
+            data, scale = quantize_rows(w.detach(), torch.float8_e4m3fn)
+            cached = (key, data.contiguous(), scale)
+            self.__dict__["_fp8_weight"] = cached
+        return cached[1], cached[2]
 
     def extra_repr(self) -> str:
         name = self.recipe if isinstance(self.recipe, str) else repr(self.recipe)
@@ -151,7 +169,7 @@ def disable_fp8(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is Fp8Linear:
             module.__class__ = nn.Linear
-            for attribute in ("recipe", "backend"):
+            for attribute in ("recipe", "backend", "_fp8_weight"):
                 module.__dict__.pop(attribute, None)
             count += 1
         if hasattr(module, "fp8_inputs"):

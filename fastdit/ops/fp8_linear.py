@@ -250,6 +250,19 @@ def _check_x_fp8(x: Tensor, recipe: Fp8Recipe, x_fp8) -> None:
           lambda: f"x_fp8 must be on x's device {x.device}, got data on {data.device}, scale on {scale.device}")
 
 
+def _check_w_fp8(weight: Tensor, recipe: Fp8Recipe, w_fp8) -> None:
+    check(recipe.rowwise, _OP, "w_fp8 is the weight quantised per row: it needs a rowwise recipe")
+    check(not (torch.is_grad_enabled() and weight.requires_grad), _OP,
+          "w_fp8 (a cached quantised weight) is for calls without gradients; with them the weight is quantised "
+          "in both layouts by the op itself")
+    data, scale = w_fp8
+    N, K = weight.shape
+    check(data.dtype == X_DTYPE and tuple(data.shape) == (N, K) and data.is_contiguous(), _OP,
+          lambda: f"w_fp8 data must be a contiguous ({N}, {K}) {X_DTYPE} tensor, got {shape_str(data)} {data.dtype}")
+    check(scale.dtype == torch.float32 and tuple(scale.shape) == (N, 1), _OP,
+          lambda: f"w_fp8 scale must be float32 ({N}, 1), got {shape_str(scale)} {scale.dtype}")
+
+
 def _cuda_reason(device: torch.device, K: int, N: int) -> Optional[str]:
     """Why ``torch._scaled_mm`` on this CUDA device cannot run a (M, K) x (K, N) FP8 GEMM and its backward."""
     if torch.version.hip is not None:
@@ -336,14 +349,19 @@ def _b_operand(b_t: Tensor, dtype: torch.dtype, rowwise: bool, pad_to: int = 1, 
     return data.t(), scale.t() if rowwise else scale
 
 
-def _forward_operands(x2: Tensor, weight: Tensor, recipe: Fp8Recipe, x_fp8, fast: bool = False) -> Operands:
-    """y = X @ W^T: X (M, K) per row, W (N, K) per row (= per column of W^T)."""
+def _forward_operands(x2: Tensor, weight: Tensor, recipe: Fp8Recipe, x_fp8, fast: bool = False,
+                      w_fp8=None) -> Operands:
+    """y = X @ W^T: X (M, K) per row, W (N, K) per row (= per column of W^T). ``w_fp8``: W already quantised
+    per row ((N, K) row-major data, (N, 1) scale), e.g. cached across inference calls."""
     if x_fp8 is not None:
         M, K = x2.shape
         xq, sx = x_fp8[0].reshape(M, K).contiguous(), x_fp8[1].reshape(M, 1).contiguous()
     else:
         xq, sx = _a_operand(x2, X_DTYPE, recipe.rowwise, fast=fast)
-    wq, sw = _b_operand(weight, X_DTYPE, recipe.rowwise, fast=fast)
+    if w_fp8 is not None:
+        wq, sw = w_fp8[0].t(), w_fp8[1].t()
+    else:
+        wq, sw = _b_operand(weight, X_DTYPE, recipe.rowwise, fast=fast)
     return xq, sx, wq, sw
 
 
@@ -452,18 +470,27 @@ class _Fp8LinearFunction(torch.autograd.Function):
 
 def fp8_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
                recipe: Union[str, Fp8Recipe] = "rowwise", x_fp8: Optional[Tuple[Tensor, Tensor]] = None,
-               backend: Optional[str] = None) -> Tensor:
+               backend: Optional[str] = None, w_fp8: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
     """``x @ weight.T + bias`` as FP8 GEMMs (forward and backward); x (..., K), weight (N, K), bias (N,) or
     None; returns (..., N) in the autocast dtype (autocast on) or x's dtype.
 
     ``recipe``: a name in :data:`RECIPES` or an :class:`Fp8Recipe`. ``x_fp8``: x already quantised per row,
     ``(data, scale)`` (see the module docstring). ``backend``: ``"auto"`` takes ``torch._scaled_mm`` where it
     can run these inputs (:func:`fast_path_reason`) and the reference elsewhere; ``"triton"`` (the fast path)
-    raises where it cannot; ``"reference"``: :func:`fp8_linear_ref`.
+    raises where it cannot; ``"reference"``: :func:`fp8_linear_ref`. ``w_fp8``: ``quantize_rows(weight)`` already
+    computed (``(data (N, K) e4m3 row-major, scale (N, 1))``, e.g. cached between inference calls: see
+    :class:`fastdit.modules.fp8.Fp8Linear`); no-grad calls only, rowwise recipes only.
     """
     recipe = _check_inputs(x, weight, bias, recipe, x_fp8)
+    if w_fp8 is not None:
+        _check_w_fp8(weight, recipe, w_fp8)
     if not use_triton(_OP, backend, lambda: fast_path_reason(x, weight, bias), True):
         return _reference(x, weight, bias, recipe, x_fp8)
+    if w_fp8 is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            y = _scaled_gemm(_forward_operands(_rows(x), weight, recipe, x_fp8, fast=True, w_fp8=w_fp8),
+                             output_dtype(x), bias)
+        return y.view(*x.shape[:-1], weight.shape[0])
     data, scale = (None, None) if x_fp8 is None else x_fp8
     y = _Fp8LinearFunction.apply(_rows(x), weight, bias, recipe, output_dtype(x), data, scale)
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -203,11 +203,14 @@ def sample_checkpoint(path: str, *, classes: Optional[Sequence[int]] = None,
     png, npz, renamed = output_paths(output, ckpt, step, overwrite)
     if renamed:
         log(f"{os.path.splitext(default_output(ckpt, step))[0]}.png exists; writing {png} instead")
-    # a run trained with precision=fp8 samples in bf16: the model is rebuilt here with stock Linear layers
+    # a run trained with precision=fp8 samples in bf16 unless asked: the model is rebuilt with stock Linear layers
     precision = precision or ({"fp8": "bf16"}.get(config.run.precision, config.run.precision)
                               if device.type == "cuda" else "fp32")
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision must be bf16 or fp32, got {precision!r}")
+    if precision not in ("bf16", "fp32", "fp8"):
+        raise ValueError(f"precision must be bf16, fp32 or fp8, got {precision!r}")
+    if precision == "fp8":  # FP8 GEMMs in the blocks, each weight quantised once (Fp8Linear's cache)
+        from fastdit.modules.fp8 import enable_fp8
+        log(str(enable_fp8(model, config.run.fp8_recipe if config.run.precision == "fp8" else "rowwise")))
 
     # one entry per sample, row-major: the class id or the prompt of its grid row
     per_sample = [r for r in rows for _ in range(num_per_class)]
@@ -217,7 +220,7 @@ def sample_checkpoint(path: str, *, classes: Optional[Sequence[int]] = None,
         cfg_scale = 1.0
     chunks = []
     start = time.perf_counter()
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision in ("bf16", "fp8")):
         for lo in range(0, len(per_sample), batch_size):
             part = per_sample[lo:lo + batch_size]
             cond, uncond = conditioner(part if prompts is not None else torch.tensor(part), device)

@@ -195,3 +195,38 @@ def test_a_gpu_without_fp8_tensor_cores_is_refused_at_start_up(monkeypatch):
     report = fp8.Fp8Report("rowwise")
     fp8._check_device(torch.device("cpu"), None, report)
     assert report.notes == ["on the CPU: torch._scaled_mm dequantises (the FP8 numerics, not its speed)"]
+
+
+def test_inference_quantises_each_weight_once_and_again_when_it_changes():
+    """Without gradients an Fp8Linear keeps quantize_rows(weight) between calls (sampling: once, not every
+    step): the same output as quantising afresh, and a new quantisation after the weight changes in place."""
+    layer = torch.nn.Linear(64, 48)
+    layer.__class__ = Fp8Linear
+    x = torch.randn(5, 64)
+    fresh = layer(x)  # grad enabled and weight.requires_grad: no cache
+    assert "_fp8_weight" not in layer.__dict__
+    with torch.no_grad():
+        cached = layer(x)
+        data_first = layer.quantized_weight()[0]
+        assert layer(x).data_ptr() != cached.data_ptr() and layer.quantized_weight()[0] is data_first  # reused
+        assert torch.equal(cached, fresh)
+        layer.weight.mul_(2)  # an in-place update (optimizer step, EMA swap, load_state_dict)
+        assert layer.quantized_weight()[0] is not data_first
+        torch.testing.assert_close(layer(x) - layer.bias, 2 * (cached - layer.bias), rtol=1e-2, atol=1e-2)
+
+
+def test_fp8_sampling_stays_close_to_bf16_sampling():
+    """Guided Euler sampling of a randomised DiT (every block live) under bf16 autocast, FP8 against bf16 from
+    the same noise: a few percent apart (e4m3's rounding through 8 GEMMs and 4 steps), not more."""
+    from fastdit.diffusion import RectifiedFlow, sample
+
+    model = small_dit("auto")
+    labels = torch.tensor([1, 2, 3])
+    args = dict(cond={"y": labels}, uncond={"y": torch.full_like(labels, 10)}, cfg_scale=2.0, sampler="euler",
+                steps=4, objective=RectifiedFlow(), seed=0, progress=False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = sample(model, (3, 4, 8, 8), **args)
+        enable_fp8(model)
+        fp8 = sample(model, (3, 4, 8, 8), **args)
+    rel = ((fp8.float() - bf16.float()).norm() / bf16.float().norm()).item()
+    assert 1e-3 < rel < 0.15, rel
