@@ -12,7 +12,7 @@ def run(args: argparse.Namespace) -> int:
     from fastdit.demos.digits import DigitsDemoConfig, run as run_demo, summary_lines
 
     cfg = DigitsDemoConfig(out_dir=args.out, mode=args.mode, task=args.task, seed=args.seed, device=args.device,
-                           cfg_scale=args.cfg_scale, progress=not args.no_progress)
+                           cfg_scale=args.cfg_scale, progress=not args.no_progress, precision=args.precision)
     if args.quick:
         cfg = cfg.quick()
     if args.guidance_interval is not None:
@@ -62,6 +62,9 @@ def parser(prog: str = "fastdit demo") -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--backend", choices=BACKENDS, default=None, help="default: FASTDIT_BACKEND or auto")
+    p.add_argument("--precision", choices=("bf16", "fp32", "fp8"), default=None,
+                   help="the denoiser's training precision (default: bf16 on CUDA, fp32 on the CPU); fp8 also "
+                        "samples with FP8 GEMMs")
     return p
 
 

@@ -98,6 +98,7 @@ class DigitsDemoConfig:
     held_out_fraction: float = 0.2
     progress: bool = True
     quick_run: bool = False            # set by quick(): the figures are not meaningful at that size
+    precision: Optional[str] = None    # the denoiser's run.precision (None: bf16 on CUDA, fp32 on the CPU; fp8)
 
     def quick(self) -> "DigitsDemoConfig":
         """A short version for smoke tests (minutes → seconds; the quality figures mean nothing)."""
@@ -170,6 +171,8 @@ def _trainer_config(cfg: DigitsDemoConfig, stage: str, steps: int, batch: int, l
     config.run.device = device.type
     config.run.distributed = "none"
     config.run.precision = "bf16" if device.type == "cuda" else "fp32"
+    if stage == "denoiser" and cfg.precision:  # the autoencoder has no DiT blocks: it keeps the default
+        config.run.precision = cfg.precision
     config.data.batch_size = batch
     config.data.kind = "memory"
     config.optim.lr = lr

@@ -259,3 +259,18 @@ def test_cli_passes_the_guidance_interval_and_the_default_scale(tmp_path, monkey
     assert "recall 0.85 (target >= 0.7: met)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="guidance-interval needs 0 <= LO <= HI <= 1"):
         demo_cli.main(["--out", str(tmp_path), "--guidance-interval", "0.7,0.2"])
+
+
+def test_precision_applies_to_the_denoiser_only():
+    """--precision fp8: the denoiser trains (and samples) in FP8; the autoencoder (no DiT blocks) keeps the
+    device's default, so the switch never meets a model it cannot switch."""
+    import torch
+
+    from fastdit.demos.digits import DigitsDemoConfig, _trainer_config
+
+    cfg = DigitsDemoConfig(out_dir="unused", precision="fp8")
+    cpu = torch.device("cpu")
+    assert _trainer_config(cfg, "denoiser", 10, 8, 1e-3, True, cpu).run.precision == "fp8"
+    assert _trainer_config(cfg, "autoencoder", 10, 8, 1e-3, False, cpu).run.precision == "fp32"
+    assert _trainer_config(DigitsDemoConfig(out_dir="unused"), "denoiser", 10, 8, 1e-3, True, cpu).run.precision \
+        == "fp32"
