@@ -86,17 +86,5 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return rms_norm(x, self.weight, self.eps, backend=self.backend)
 
-    def fp8(self, x: Tensor, shift: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """``forward`` plus the output quantised to e4m3 per row for an FP8 GEMM: ``(out, out_q, q_scale)``
-        (:func:`fastdit.ops.adaln_fp8.adaln_modulate_fp8`)."""
-        self._check_dim(x)
-        return adaln_modulate_fp8(x, shift, scale, self.eps, backend=self.backend)
-
-    def gated_fp8(self, x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor
-                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``gated`` plus the output quantised to e4m3 per row: ``(x', out, out_q, q_scale)``."""
-        self._check_dim(x)
-        return gated_residual_adaln_fp8(x, y, gate, shift, scale, self.eps, backend=self.backend)
-
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, backend={self.backend!r}"

@@ -47,6 +47,17 @@ def check_same_device(op: str, **tensors: Optional[torch.Tensor]) -> None:
         fail(op, f"all tensors must be on one device, got {listing}")
 
 
+def check_linear_inputs(op: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    """A Linear layer's inputs: floating point, one device, weight (out, in), x (..., in), bias (out,) or None."""
+    check_floating(op, x=x, weight=weight, bias=bias)
+    check_same_device(op, x=x, weight=weight, bias=bias)
+    check(weight.dim() == 2, op, lambda: f"weight must be 2-D (out, in), got {shape_str(weight)}")
+    check(x.dim() >= 1 and x.shape[-1] == weight.shape[1], op,
+          lambda: f"x's last dimension must be weight's in = {weight.shape[1]}, got x {shape_str(x)}")
+    check(bias is None or tuple(bias.shape) == (weight.shape[0],), op,
+          lambda: f"bias must be (out,) = ({weight.shape[0]},), got {shape_str(bias)}")
+
+
 def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
     """float32, or float64 when an input is float64: references compute in at least float32."""
     dtype = torch.float32

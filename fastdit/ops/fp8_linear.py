@@ -81,7 +81,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastdit.ops._common import (check, check_floating, check_same_device, join_reasons, kernel_can_run, shape_str,
+from fastdit.ops._common import (check, check_linear_inputs, join_reasons, kernel_can_run, shape_str,
                                  use_triton)
 
 _OP = "fp8_linear"
@@ -219,13 +219,7 @@ def output_dtype(x: Tensor) -> torch.dtype:
 
 def _check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], recipe, x_fp8) -> Fp8Recipe:
     recipe = resolve_recipe(recipe)
-    check_floating(_OP, x=x, weight=weight, bias=bias)
-    check_same_device(_OP, x=x, weight=weight, bias=bias)
-    check(weight.dim() == 2, _OP, lambda: f"weight must be 2-D (out, in), got {shape_str(weight)}")
-    check(x.dim() >= 1 and x.shape[-1] == weight.shape[1], _OP,
-          lambda: f"x's last dimension must be weight's in = {weight.shape[1]}, got x {shape_str(x)}")
-    check(bias is None or tuple(bias.shape) == (weight.shape[0],), _OP,
-          lambda: f"bias must be (out,) = ({weight.shape[0]},), got {shape_str(bias)}")
+    check_linear_inputs(_OP, x, weight, bias)
     if x_fp8 is not None:
         _check_x_fp8(x, recipe, x_fp8)
     return recipe

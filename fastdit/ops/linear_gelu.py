@@ -25,20 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastdit.ops._common import (check, check_floating, check_same_device, join_reasons, needs_grad, shape_str,
-                                 use_triton)
+from fastdit.ops._common import check_linear_inputs, join_reasons, needs_grad, use_triton
 
 _OP = "linear_gelu"
 
 
 def _check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
-    check_floating(_OP, x=x, weight=weight, bias=bias)
-    check_same_device(_OP, x=x, weight=weight, bias=bias)
-    check(weight.dim() == 2, _OP, lambda: f"weight must be 2-D (out, in), got {shape_str(weight)}")
-    check(x.dim() >= 1 and x.shape[-1] == weight.shape[1], _OP,
-          lambda: f"x's last dimension must be weight's in = {weight.shape[1]}, got x {shape_str(x)}")
-    check(bias is None or tuple(bias.shape) == (weight.shape[0],), _OP,
-          lambda: f"bias must be (out,) = ({weight.shape[0]},), got {shape_str(bias)}")
+    check_linear_inputs(_OP, x, weight, bias)
 
 
 def linear_gelu_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
