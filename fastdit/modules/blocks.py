@@ -33,10 +33,9 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor, x_fp8: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         """x (..., dim); ``x_fp8``: x already quantised per row, for an FP8 ``fc1`` (fastdit.modules.fp8)."""
-        if x_fp8 is not None and getattr(self.fc1, "takes_fp8_input", False):
-            return self.fc2(self.act(self.fc1(x, x_fp8=x_fp8)))
-        if x_fp8 is not None:  # fc1 kept in bf16 by enable_fp8 (a size _scaled_mm cannot take)
-            return self.fc2(self.act(self.fc1(x)))
+        if x_fp8 is not None:  # (fc1 may have been kept in bf16 by enable_fp8: a size _scaled_mm cannot take)
+            h = self.fc1(x, x_fp8=x_fp8) if getattr(self.fc1, "takes_fp8_input", False) else self.fc1(x)
+            return self.fc2(self.act(h))
         if x.is_cuda and not needs_grad(x, self.fc1.weight, self.fc1.bias) and \
                 resolve_backend(self.backend) == "triton":
             return self.fc2(linear_gelu(x, self.fc1.weight, self.fc1.bias, backend=self.backend))
