@@ -54,7 +54,9 @@ bias in the output dtype), added after for fp32 outputs. What ``_scaled_mm`` req
 both rowwise ((rows, 1) and (1, cols), contiguous) or both 0-d; on CUDA compute capability >= 8.9, K and N
 multiples of 16, not both operands e5m2, bias not with an fp32 output. The wgrad GEMM reduces over M, which
 CUDA would also need to be a multiple of 16: its operands are padded with zero tokens (exact) when it is not.
-On CPU (torch 2.13) it accepts any sizes and layouts and fp64/fp32/bf16/fp16 outputs. Row-wise scaled GEMMs on
+On CPU (torch 2.13) it accepts any sizes and layouts and fp64/fp32/bf16/fp16 outputs; CPU builds whose
+``_scaled_mm`` takes per-tensor scales only (torch 2.11's oneDNN path; probed once) multiply the same fp8 operands
+as fp32 (exact products, fp32 sums) and apply the scales after, as the kernel does. Row-wise scaled GEMMs on
 CUDA may write bfloat16 only (CUTLASS's f8f8bf16 kernels; probed once per device): other outputs are then
 computed in bfloat16 and cast. Eagerly on CUDA (and under Triton's interpreter) the row-wise operands come from
 fastdit's quantisation kernel (:mod:`fastdit.kernels.fp8_quantize`: the same bits, dY read for both backward
@@ -412,8 +414,40 @@ def _rowwise_writes(device: torch.device, out_dtype: torch.dtype) -> bool:
     return _ROWWISE_OUT[key]
 
 
+_CPU_ROWWISE: Dict[str, bool] = {}
+
+
+def _cpu_rowwise_scaled_mm() -> bool:
+    """Whether this CPU build's ``torch._scaled_mm`` takes row-wise scales (torch 2.13 does; torch 2.11's
+    oneDNN path asserts per-tensor scales): probed once, eagerly; while torch.compile traces before any probe,
+    assumed not."""
+    if "cpu" not in _CPU_ROWWISE:
+        if torch.compiler.is_compiling():
+            return False
+        a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+        ones = torch.ones(16, 1)
+        try:
+            out = torch._scaled_mm(a, a.t(), scale_a=ones, scale_b=ones.t(), out_dtype=torch.float32)
+            _CPU_ROWWISE["cpu"] = bool((out == 16).all())
+        except (RuntimeError, NotImplementedError):
+            _CPU_ROWWISE["cpu"] = False
+    return _CPU_ROWWISE["cpu"]
+
+
+def _emulated_scaled_mm(operands: Operands, out_dtype: torch.dtype, bias: Optional[Tensor]) -> Tensor:
+    """What ``torch._scaled_mm`` computes, for CPU builds without row-wise scales: the fp8 operands multiplied in
+    fp32 (each product of two fp8 values is exact in fp32), then scaled per row and column, bias added, cast."""
+    a, sa, b, sb = operands
+    out = torch.mm(a.float(), b.float()) * sa * sb
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
 def _scaled_gemm(operands: Operands, out_dtype: torch.dtype, bias: Optional[Tensor] = None) -> Tensor:
     a, sa, b, sb = operands
+    if a.device.type == "cpu" and (sa.numel() > 1 or sb.numel() > 1) and not _cpu_rowwise_scaled_mm():
+        return _emulated_scaled_mm(operands, out_dtype, bias)
     if a.is_cuda and out_dtype != torch.bfloat16 and (sa.numel() > 1 or sb.numel() > 1) \
             and not _rowwise_writes(a.device, out_dtype):
         # this CUDA build's row-wise scaled GEMM (CUTLASS f8f8bf16) writes bfloat16 only: take that and cast

@@ -14,15 +14,16 @@ SMALL = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=128, depth=2
 # head dim 64: the smallest the Triton attention kernel takes (backend="triton" runs it in the interpreter)
 
 
-def small_dit(backend, **overrides):
+def small_dit(backend, device="cpu", **overrides):
     model = DiT(DiTConfig(**{**SMALL, **overrides}), backend=backend)
     for p in model.parameters():  # AdaLN-Zero starts at the identity: randomise so every path matters
         torch.nn.init.normal_(p, std=0.1)
-    return model.eval()  # no label dropout: every call sees the same labels
+    return model.to(device).eval()  # no label dropout: every call sees the same labels
 
 
-def dit_inputs(batch=3):
-    return (torch.randn(batch, 4, 8, 8), torch.rand(batch) * 999, torch.randint(0, 10, (batch,)))
+def dit_inputs(batch=3, device="cpu"):
+    return (torch.randn(batch, 4, 8, 8).to(device), (torch.rand(batch) * 999).to(device),
+            torch.randint(0, 10, (batch,)).to(device))
 
 
 def test_enable_switches_the_block_linears_in_place_and_disable_restores_stock_bits():
@@ -79,19 +80,19 @@ def test_fused_fp8_inputs_equal_the_gemm_quantising_its_input(recipe):
 
 
 @pytest.mark.parametrize("recipe", ["rowwise", "rowwise_hp_wgrad"])
-def test_fast_fp8_model_matches_the_float64_reference_output_and_every_gradient(recipe):
-    """Fast path: Triton norms (interpreter) emitting FP8 + torch._scaled_mm. Reference: the same model with
-    backend="reference" (reference norms, dequantising fp8_linear_ref) in fp32, and in float64 as the truth;
-    the quantised operands are the same in all three, so only accumulation differs (2x rule)."""
-    fast = small_dit("triton")
-    ref = small_dit("reference")
+def test_fast_fp8_model_matches_the_float64_reference_output_and_every_gradient(recipe, device):
+    """Fast path: Triton norms (the interpreter on CPU) emitting FP8 + torch._scaled_mm. Reference: the same
+    model with backend="reference" (reference norms, dequantising fp8_linear_ref) in fp32, and in float64 as the
+    truth; the quantised operands are the same in all three, so only accumulation differs (2x rule)."""
+    fast = small_dit("triton", device)
+    ref = small_dit("reference", device)
     ref.load_state_dict(fast.state_dict())
     enable_fp8(fast, recipe)
     enable_fp8(ref, recipe, backend="reference")
-    ref64 = small_dit("reference").double()
+    ref64 = small_dit("reference", device).double()
     ref64.load_state_dict(fast.state_dict())
     enable_fp8(ref64, recipe, backend="reference")
-    x, t, y = dit_inputs()
+    x, t, y = dit_inputs(device=device)
     out, out_ref, out64 = fast(x, t, y), ref(x, t, y), ref64(x.double(), t.double(), y)
     assert_close_to_reference(out, out_ref, out64, name="output")
     cot = torch.randn_like(out)

@@ -32,6 +32,19 @@ def assert_bits_equal(got, want, name):
     assert not bad.any(), f"{name}: {int(bad.sum())} of {bad.numel()} elements differ"
 
 
+def assert_same_as_plain_kernel(got, want, name):
+    """The fp8 kernel's ``out`` against the plain kernel's: the same bits under the interpreter. Compiled for a
+    GPU the two are different programs, and the compiler may contract ``xhat * (1 + scale) + shift`` into an FMA
+    in one and not the other (seen on H100: fp32 outputs 1 ulp apart), so there they agree to one rounding of
+    the output dtype. The fp8 outputs are then checked against the ``out`` this kernel stored, bit for bit."""
+    if got.device.type == "cpu":
+        assert_bits_equal(got, want, name)
+        return
+    eps = torch.finfo(want.dtype).eps
+    torch.testing.assert_close(got.float(), want.float(), rtol=eps, atol=eps * want.float().abs().max().item(),
+                               msg=lambda m: f"{name}: {m}")
+
+
 def make(B, N, D, per_token, dtype, mod_dtype=None, gated=False, requires_grad=False, device="cpu"):
     mshape = (B, N, D) if per_token else (B, D)
     x = (3 * torch.randn(B, N, D)).to(device, dtype)
@@ -61,12 +74,12 @@ def test_fp8_outputs_are_the_row_quantisation_of_out_bit_for_bit(B, N, D, per_to
         x_new, out, out_q, q_scale = gated_residual_adaln_fp8(*inputs, EPS, fp8_dtype=fp8_dtype, backend="triton")
         from fastdit.ops import gated_residual_adaln
         x_new_plain, out_plain = gated_residual_adaln(*inputs, EPS, backend="triton")
-        assert_bits_equal(x_new, x_new_plain, "x_new")
+        assert_same_as_plain_kernel(x_new, x_new_plain, "x_new")
     else:
         out, out_q, q_scale = adaln_modulate_fp8(*inputs, EPS, fp8_dtype=fp8_dtype, backend="triton")
         from fastdit.ops import adaln_modulate
         out_plain = adaln_modulate(*inputs, EPS, backend="triton")
-    assert_bits_equal(out, out_plain, "out")  # the epilogue changes nothing the plain kernel writes
+    assert_same_as_plain_kernel(out, out_plain, "out")  # the epilogue changes nothing the plain kernel writes
     want_q, want_scale = quantized_rows(out, fp8_dtype)
     assert_bits_equal(q_scale, want_scale, "q_scale")
     assert_bits_equal(out_q, want_q, "out_q")
