@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -98,6 +98,20 @@ def assert_close_to_reference(actual: Tensor, reference: Tensor, reference64: Te
     if not result.ok:
         raise AssertionError(str(result))
     return result
+
+
+def assert_gradients_close_to_reference(outs: Sequence[Tensor], refs: Sequence[Tensor], refs64: Sequence[Tensor],
+                                        inputs: Sequence[Tensor], inputs64: Sequence[Tensor],
+                                        names: Sequence[str]) -> None:
+    """The 2× rule for every input gradient: the same random cotangents (one per output, in its dtype and on its
+    device) pulled back through the fast outputs ``outs`` and the reference ``refs`` to ``inputs``, and in
+    float64 through ``refs64`` to ``inputs64``; gradient i is reported as ``"d" + names[i]``."""
+    cot = [torch.randn(o.shape).to(o.device, o.dtype) for o in outs]
+    grads = torch.autograd.grad(outs, inputs, cot)
+    grads_ref = torch.autograd.grad(refs, inputs, cot)
+    grads64 = torch.autograd.grad(refs64, inputs64, [c.double() for c in cot])
+    for g, gr, g64, name in zip(grads, grads_ref, grads64, names):
+        assert_close_to_reference(g, gr, g64, name="d" + name)
 
 
 def group_scale(tensors) -> float:

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from fastdit.testing import FLOORS, assert_close_to_reference, compare_to_reference
+from fastdit.testing import (FLOORS, assert_close_to_reference, assert_gradients_close_to_reference,
+                             compare_to_reference)
 
 
 def _truth_and_lowp(dtype, n=1000):
@@ -63,3 +64,26 @@ def test_group_scale_and_bad_scale():
     assert group_scale([]) == 0.0
     with pytest.raises(ValueError, match="scale"):
         compare_to_reference(torch.zeros(2), torch.zeros(2), torch.zeros(2, dtype=torch.float64), scale=float("nan"))
+
+
+class _WrongGradient(torch.autograd.Function):
+    """x * w with dw off by one part in a thousand: far beyond one float32 rounding."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x * w
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        return dy * w, dy * x * 1.001
+
+
+def test_gradients_rule_passes_a_right_backward_and_names_a_wrong_one():
+    x, w = torch.randn(64, requires_grad=True), torch.randn(64, requires_grad=True)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    assert_gradients_close_to_reference([x * w], [x * w], [x64 * w64], [x, w], [x64, w64], ("x", "w"))
+    with pytest.raises(AssertionError, match="dw"):
+        assert_gradients_close_to_reference([_WrongGradient.apply(x, w)], [x * w], [x64 * w64], [x, w], [x64, w64],
+                                            ("x", "w"))

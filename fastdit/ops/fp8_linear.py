@@ -460,18 +460,29 @@ def _scaled_gemm(operands: Operands, out_dtype: torch.dtype, bias: Optional[Tens
     return out if bias is None else out.add_(bias.to(out_dtype))
 
 
+def _pair(data: Optional[Tensor], scale: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
+    """x_fp8 as the autograd Functions receive it (two tensor arguments) back to ``(data, scale)`` or None."""
+    return None if data is None else (data, scale)
+
+
+def _save_for_backward(ctx, x2: Tensor, weight: Tensor, bias: Optional[Tensor], recipe: Fp8Recipe,
+                       out_dtype: torch.dtype) -> None:
+    """What the fast and the reference Function's backward need. x in high precision, not its fp8 copy: the wgrad
+    quantises X per column (and the "high" recipe multiplies it as is)."""
+    ctx.save_for_backward(x2, weight)
+    ctx.recipe, ctx.out_dtype = recipe, out_dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
 class _Fp8LinearFunction(torch.autograd.Function):
     """y = X @ W^T + b with FP8 GEMMs; x2 is x flattened to (M, K)."""
 
     @staticmethod
     def forward(ctx, x2, weight, bias, recipe, out_dtype, x_fp8_data, x_fp8_scale):
-        x_fp8 = None if x_fp8_data is None else (x_fp8_data, x_fp8_scale)
         with torch.autocast(x2.device.type, enabled=False):
-            y = _scaled_gemm(_forward_operands(x2, weight, recipe, x_fp8, fast=True), out_dtype, bias)
-        # x in high precision, not its fp8 copy: the wgrad quantises X per column (and "high" multiplies it)
-        ctx.save_for_backward(x2, weight)
-        ctx.recipe, ctx.out_dtype = recipe, out_dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
+            y = _scaled_gemm(_forward_operands(x2, weight, recipe, _pair(x_fp8_data, x_fp8_scale), fast=True),
+                             out_dtype, bias)
+        _save_for_backward(ctx, x2, weight, bias, recipe, out_dtype)
         return y
 
     @staticmethod
@@ -555,12 +566,9 @@ class _Fp8LinearRefFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, weight, bias, recipe, out_dtype, x_fp8_data, x_fp8_scale):
-        x_fp8 = None if x_fp8_data is None else (x_fp8_data, x_fp8_scale)
         with torch.autocast(x2.device.type, enabled=False):
-            y = _forward_math(x2, weight, bias, recipe, x_fp8, torch.float64).to(out_dtype)
-        ctx.save_for_backward(x2, weight)
-        ctx.recipe, ctx.out_dtype = recipe, out_dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
+            y = _forward_math(x2, weight, bias, recipe, _pair(x_fp8_data, x_fp8_scale), torch.float64).to(out_dtype)
+        _save_for_backward(ctx, x2, weight, bias, recipe, out_dtype)
         return y
 
     @staticmethod
