@@ -11,7 +11,7 @@ from fastdit.models.config import ModelConfig
 from fastdit.models.dit import DiT, DiTConfig
 from fastdit.models.flops import (dit_flop_breakdown, dit_flops, mmdit_flop_breakdown, mmdit_flops,
                                   training_flops)
-from fastdit.models.mmdit import MMDiT, MMDiTConfig
+from fastdit.models.mmdit import MMDiT, MMDiTConfig, trim_caption_padding
 
 _FAMILIES = ((DiTConfig, DiT), (MMDiTConfig, MMDiT))
 
@@ -47,4 +47,4 @@ def create_model(name_or_config: Union[str, DiTConfig, MMDiTConfig], *, backend:
 
 __all__ = ["DiT", "DiTConfig", "MMDiT", "MMDiTConfig", "ModelConfig", "create_model", "config_from_name",
            "model_names", "dit_flops", "dit_flop_breakdown", "mmdit_flops", "mmdit_flop_breakdown",
-           "training_flops"]
+           "training_flops", "trim_caption_padding"]

@@ -273,6 +273,29 @@ def caption_mask(context_mask: Optional[Tensor], batch: int, length: int, device
     return torch.arange(length, device=device) < lengths[:, None]
 
 
+CAPTION_TRIM_MULTIPLE = 16  # trimmed caption lengths are rounded up to this: fewer distinct shapes, aligned tiles
+
+
+def trim_caption_padding(context: Tensor, mask: Optional[Tensor], multiple: int = CAPTION_TRIM_MULTIPLE
+                         ) -> Tuple[Tensor, Optional[Tensor]]:
+    """``context`` (B, L, D) and its bool ``mask`` (B, L) cut to the first ``keep`` caption positions, where
+    ``keep`` is one past the last position that is real in any sample, rounded up to ``multiple`` (at most L,
+    at least 1). Every position dropped is padding in every sample, and padding takes no part in an MMDiT's
+    output (masked out as a key, its own rows discarded, caption tokens carry no position), so the model's
+    output and the gradients of everything kept are unchanged while the text stream's GEMMs and the attention
+    cost what the longest real caption costs: Flux pads T5 captions to 512 tokens, a typical prompt has ~80.
+    Reads the mask's values (one device sync when it is on a GPU); None (all real) returns the inputs."""
+    if mask is None:
+        return context, None
+    L = mask.shape[1]
+    real = mask.any(0)
+    last = int(torch.nonzero(real).max()) + 1 if bool(real.any()) else 0
+    keep = min(L, max(1, -(-last // multiple) * multiple))
+    if keep == L:
+        return context, mask
+    return context[:, :keep], mask[:, :keep]
+
+
 class MMDiT(nn.Module):
     """Caption-conditional latent DiT with symmetric joint attention (SD3-like; Flux-like with
     single-stream blocks).
@@ -298,7 +321,10 @@ class MMDiT(nn.Module):
     ``single_blocks.{i}.*`` (SingleStreamDiTBlock's keys), ``final_layer``.
 
     ``backend`` goes to every fastdit module; ``gradient_checkpointing = True`` recomputes each block
-    in backward.
+    in backward. ``trim_caption_padding`` (default True): eagerly, caption positions that are padding in every
+    sample of the batch are cut off before the blocks (:func:`trim_caption_padding`: same output, less work);
+    under ``torch.compile`` or CUDA-graph capture the model runs on the buffer as given (a data-dependent
+    length would break the graph): call :func:`trim_caption_padding` on the batch before a compiled model to get the same saving.
     """
 
     def __init__(self, config: Optional[MMDiTConfig] = None, *, backend: Optional[str] = None):
@@ -308,6 +334,7 @@ class MMDiT(nn.Module):
             raise ValueError(f"MMDiT needs an MMDiTConfig, got {type(config).__name__}")
         D = config.hidden_size
         self.gradient_checkpointing = False
+        self.trim_caption_padding = True
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
         self.context_embedder = nn.Linear(config.caption_dim, D)
         self.t_embedder = TimestepEmbedder(D, config.frequency_embedding_size)
@@ -449,6 +476,9 @@ class MMDiT(nn.Module):
                 pooled = context.sum(1) / real.sum(1).clamp(min=1.0)  # no real tokens: mean := 0
             else:
                 pooled = context.mean(1)
+        if self.trim_caption_padding and mask is not None and not torch.compiler.is_compiling() \
+                and not (mask.is_cuda and torch.cuda.is_current_stream_capturing()):  # no sync in a graph
+            context, mask = trim_caption_padding(context, mask)  # after the pooled mean: it is over real tokens
 
         img = self.x_embedder(x)
         if self.config.pos_embed == "rope":

@@ -5,7 +5,7 @@ no graph breaks under torch.compile; the named presets."""
 import pytest
 import torch
 
-from fastdit.models import MMDiT, MMDiTConfig, create_model
+from fastdit.models import MMDiT, MMDiTConfig, create_model, trim_caption_padding
 from fastdit.modules import JointAttention, ModulatedLayerNorm, RMSNorm, set_module_backend
 from fastdit.ops import rope_freqs_2d
 
@@ -254,3 +254,54 @@ def test_rope_tables_reach_the_blocks(monkeypatch):
     assert len(seen) == SMALL["depth"]
     for table in seen:
         torch.testing.assert_close(table, rope_freqs_2d(3, 5, 32))
+
+
+# ----------------------------------------------------------------------------- caption padding trimmed
+
+@pytest.mark.parametrize("lengths,L,multiple,keep", [([3, 7, 1], 40, 16, 16), ([17, 2], 40, 16, 32),
+                                                     ([40, 0], 40, 16, 40), ([0, 0], 40, 16, 1),
+                                                     ([5], 512, 16, 16), ([77], 512, 16, 80), ([3, 9], 12, 8, 12),
+                                                     ([3, 9], 20, 1, 9)])
+def test_trim_caption_padding_keeps_one_past_the_last_real_position(lengths, L, multiple, keep):
+    mask = torch.arange(L) < torch.tensor(lengths)[:, None]
+    ctx = torch.randn(len(lengths), L, 5)
+    got, got_mask = trim_caption_padding(ctx, mask, multiple)
+    assert got.shape == (len(lengths), keep, 5) and got_mask.shape == (len(lengths), keep)
+    assert torch.equal(got, ctx[:, :keep]) and torch.equal(got_mask, mask[:, :keep])
+    assert not mask[:, keep:].any()  # only padding was dropped
+
+
+def test_trim_caption_padding_with_holes_and_without_a_mask():
+    mask = torch.zeros(2, 64, dtype=torch.bool)
+    mask[0, [0, 2, 35]] = True  # not a prefix: the last real position decides
+    ctx = torch.randn(2, 64, 3)
+    assert trim_caption_padding(ctx, mask)[0].shape[1] == 48
+    same, none = trim_caption_padding(ctx, None)
+    assert same is ctx and none is None
+
+
+@pytest.mark.parametrize("pos_embed", ["rope", "learned"])
+def test_trimmed_captions_give_the_untrimmed_output_and_gradients(ref, pos_embed):
+    """A 40-token buffer whose longest caption has 7 real tokens runs the blocks on 16 caption positions,
+    with the same output and parameter / input gradients as the whole buffer (float64: rounding only)."""
+    model = random_mmdit(ref, torch.float64, pos_embed=pos_embed).eval()
+    x, t, ctx = inputs(3, 8, 8, 40, torch.float64)
+    lengths = torch.tensor([3, 7, 1])
+    seen = []  # the caption length each block is given
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda module, args: seen.append(args[1].shape[1]))
+    results = []
+    for trim in (True, False):
+        model.trim_caption_padding = trim
+        model.zero_grad()
+        c = ctx.clone().requires_grad_()
+        out = model(x, t, c, lengths)
+        out.square().sum().backward()
+        results.append((out.detach(), c.grad, [p.grad.clone() for p in model.parameters()]))
+    assert seen == [16] * 3 + [40] * 3
+    (out, dctx, grads), (out_full, dctx_full, grads_full) = results
+    torch.testing.assert_close(out, out_full, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dctx, dctx_full, rtol=1e-12, atol=1e-12)
+    assert not dctx[:, 16:].any()
+    for g, g_full in zip(grads, grads_full):
+        torch.testing.assert_close(g, g_full, rtol=1e-10, atol=1e-12)
