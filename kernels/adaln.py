@@ -340,7 +340,7 @@ def adaln_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: fl
     r_strides = r.stride() if gated else (0, 0, 0)
     g_strides = _mod_strides(g) if gated else (0, 0, 0)
     if M > 0:
-        _utils.launcher(_adaln_fwd_kernel, out)[(triton.cdiv(M, block_m * steps),)](
+        _utils.launcher(_adaln_fwd_kernel, out)[(_utils.cdiv(M, block_m * steps),)](
             x, r, g, shift, scale, out, x_new, mean, rstd, out_q, q_scale, M, N, D, eps,
             *x.stride(), *r_strides, *g_strides, *_mod_strides(shift), *_mod_strides(scale),
             GATED=gated, BLOCK_M=block_m, BLOCK_D=block_d, STEPS=steps, HAS_TAIL=block_t > 0,
@@ -358,9 +358,9 @@ def _bwd_config(B: int, N: int, D: int, device: torch.device, programs_per_sm: i
     block_d = _utils.next_pow2(D)
     block_m = block_m or max(1, min(16, 1024 // block_d))
     target = programs_per_sm * _utils.processor_count(device)
-    chunks = max(1, min(triton.cdiv(N, max(min_rows, block_m)), triton.cdiv(target, max(B, 1))))
-    rows_per_chunk = max(block_m, triton.cdiv(triton.cdiv(N, chunks), block_m) * block_m)
-    chunks = triton.cdiv(N, rows_per_chunk)  # 0 when N == 0: nothing to launch, the sums are zero
+    chunks = max(1, min(_utils.cdiv(N, max(min_rows, block_m)), _utils.cdiv(target, max(B, 1))))
+    rows_per_chunk = max(block_m, _utils.cdiv(_utils.cdiv(N, chunks), block_m) * block_m)
+    chunks = _utils.cdiv(N, rows_per_chunk)  # 0 when N == 0: nothing to launch, the sums are zero
     return block_m, block_d, chunks, rows_per_chunk, num_warps or _utils.warps_for(block_m * block_d, lo=4)
 
 

@@ -675,7 +675,7 @@ def attention_fwd(txt: Stream, img: Stream, sm_scale: float, eps: float, interle
         if q_stream.n == 0:
             continue
         qf, s_qfb, s_qfn = q_stream.freq_args()
-        launch = lambda BM, BN, warps, stages, **kw: _attn_fwd_kernel[(triton.cdiv(q_stream.n, BM), B * H)](  # noqa
+        launch = lambda BM, BN, warps, stages, **kw: _attn_fwd_kernel[(_utils.cdiv(q_stream.n, BM), B * H)](  # noqa
             **kw, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages,
             ALL_VALID1=txt.mask is None and N_txt % BN == 0, ALL_VALID2=N_img % BN == 0)
         _with_fallback(launch, (BM, BN, warps, stages), explicit=block_m is not None or block_n is not None,
@@ -756,7 +756,7 @@ def attention_bwd(do_img: torch.Tensor, do_txt: torch.Tensor, txt: Stream, img: 
         qf, s_qfb, s_qfn = q_stream.freq_args()
 
         def launch_dq(block_m, block_n, warps, stages):
-            n_blocks = triton.cdiv(q_stream.n, block_m)
+            n_blocks = _utils.cdiv(q_stream.n, block_m)
             rows_full = q_stream.n % block_m == 0
             part = (torch.empty((B * H * n_blocks, tile_channels), device=dev, dtype=torch.float32)
                     if q_stream.q_weight is not None else dq)
@@ -792,7 +792,7 @@ def attention_bwd(do_img: torch.Tensor, do_txt: torch.Tensor, txt: Stream, img: 
         kv_mask = kv.mask is not None
 
         def launch_dkdv(block_m, block_n, warps, stages):
-            n_blocks = triton.cdiv(kv.n, block_n)
+            n_blocks = _utils.cdiv(kv.n, block_n)
             keys_full = not kv_mask and kv.n % block_n == 0
             part = (torch.empty((B * H * n_blocks, tile_channels), device=dev, dtype=torch.float32)
                     if kv.k_weight is not None else dk)

@@ -92,13 +92,13 @@ def quantize_rows_cols(t: torch.Tensor, row_dtype: Optional[torch.dtype], col_dt
     row_scale = _utils.new_empty((R, 1) if rows_on else (1,), torch.float32, device)
     col_scale = _utils.new_empty((C, 1) if cols_on else (1,), torch.float32, device)
     if R * C > 0:
-        _utils.launcher(_amax_kernel, row_amax)[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
+        _utils.launcher(_amax_kernel, row_amax)[(_utils.cdiv(R, block_r), _utils.cdiv(C, block_c))](
             t, row_amax, col_amax, R, C, t.stride(0), t.stride(1), ROWS=rows_on, COLS=cols_on,
             BLOCK_R=block_r, BLOCK_C=block_c)
     if max(R_pad, 1) * C > 0:
         r_mant, r_min = FP8_FORMATS[row_dtype] if rows_on else (3, -6)
         c_mant, c_min = FP8_FORMATS[col_dtype] if cols_on else (3, -6)
-        _utils.launcher(_quantize_kernel, row_amax)[(triton.cdiv(max(R_pad, 1), block_r), triton.cdiv(C, block_c))](
+        _utils.launcher(_quantize_kernel, row_amax)[(_utils.cdiv(max(R_pad, 1), block_r), _utils.cdiv(C, block_c))](
             t, row_amax, col_amax, rowq, row_scale, colq, col_scale, R, C, R_pad, t.stride(0), t.stride(1), eps,
             ROWS=rows_on, COLS=cols_on, R_MANT=r_mant, R_MIN_EXP=r_min,
             R_FMAX=torch.finfo(row_dtype).max if rows_on else 448.0, C_MANT=c_mant, C_MIN_EXP=c_min,

@@ -269,7 +269,7 @@ def qk_norm_rope_fwd(q: torch.Tensor, k: Optional[torch.Tensor] = None, q_weight
     k_rstd = _utils.new_empty((B, N, H), torch.float32, q.device) if has_norm and k is not None else None
     block_h, block_half, warps = _config(H, d, num_warps)
     kk, ko = (k, k_out) if k is not None else (q, q_out)
-    programs = triton.cdiv(B * N, tokens)
+    programs = _utils.cdiv(B * N, tokens)
     if programs > 0 and H > 0:
         _utils.launcher(_qk_norm_rope_fwd_kernel, q_out)[(programs,)](
             q, kk, q_out, ko, q_weight if has_norm else q, k_weight if (has_norm and k is not None) else q,
@@ -296,7 +296,7 @@ def qk_norm_rope_bwd(dq_out: torch.Tensor, dk_out: Optional[torch.Tensor], q: to
     if freqs is not None:
         freqs = freqs if freqs.stride(-1) == 1 and freqs.stride(-2) == 2 else freqs.contiguous()
     M = B * N
-    programs = triton.cdiv(M, tokens)
+    programs = _utils.cdiv(M, tokens)
     dq = _utils.new_empty((B, N, H, d), q.dtype, q.device)
     dk = _utils.new_empty((B, N, H, d), k.dtype, k.device) if has_k else None
     partials = _utils.new_empty((2 if has_k else 1, 1, programs, d), torch.float32, q.device)

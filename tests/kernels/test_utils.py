@@ -1,3 +1,6 @@
+import math
+from fractions import Fraction
+
 import pytest
 import torch
 import triton
@@ -41,3 +44,14 @@ def test_sum_chunks_two_stage_path_for_many_chunks(device):
     _utils.sum_chunks(partials, outs)
     for k, out in enumerate(outs):
         torch.testing.assert_close(out, partials[k, 0].double().sum(0).float(), rtol=1e-5, atol=1e-4)
+
+
+def test_host_sizing_helpers_match_the_definitions():
+    """_utils.cdiv / next_pow2 (plain Python on the launch path) against the definitions, exactly."""
+    for n in list(range(0, 70)) + [1023, 1024, 1025, 4608, 2 ** 31 - 1, 2 ** 31, 2 ** 40 + 3]:
+        power = 1
+        while power < n:
+            power *= 2
+        assert _utils.next_pow2(n) == power, n
+        for d in (1, 2, 3, 7, 64, 1000):
+            assert _utils.cdiv(n, d) == (n + d - 1) // d == math.ceil(Fraction(n, d)), (n, d)
