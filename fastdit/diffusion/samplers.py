@@ -75,6 +75,9 @@ class Sampler:
             raise ValueError("noise must be a floating-point (B, C, ...) tensor")
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be True or False, got {compile!r}")
+        trim = getattr(model, "trim_conditioning", None)  # e.g. MMDiT: caption padding cut once, not per step
+        if callable(trim):
+            cond, uncond = trim(cond, uncond)
         denoiser = (CompiledDenoiser if compile else GuidedDenoiser)(model, cond, uncond, cfg_scale, guidance_interval)
         if self.stochastic and noise_source is None:
             noise_source = PerSampleNoise.create(noise.shape[0])

@@ -287,13 +287,18 @@ def trim_caption_padding(context: Tensor, mask: Optional[Tensor], multiple: int 
     Reads the mask's values (one device sync when it is on a GPU); None (all real) returns the inputs."""
     if mask is None:
         return context, None
-    L = mask.shape[1]
-    real = mask.any(0)
-    last = int(torch.nonzero(real).max()) + 1 if bool(real.any()) else 0
-    keep = min(L, max(1, -(-last // multiple) * multiple))
-    if keep == L:
+    keep = caption_keep(mask, multiple)
+    if keep == mask.shape[1]:
         return context, mask
     return context[:, :keep], mask[:, :keep]
+
+
+def caption_keep(mask: Tensor, multiple: int = CAPTION_TRIM_MULTIPLE) -> int:
+    """How many leading caption positions :func:`trim_caption_padding` keeps for the bool ``mask`` (B, L): one
+    past the last position real in any sample, rounded up to ``multiple``, within [1, L]."""
+    real = mask.any(0)
+    last = int(torch.nonzero(real).max()) + 1 if bool(real.any()) else 0
+    return min(mask.shape[1], max(1, -(-last // multiple) * multiple))
 
 
 class MMDiT(nn.Module):
@@ -324,7 +329,8 @@ class MMDiT(nn.Module):
     in backward. ``trim_caption_padding`` (default True): eagerly, caption positions that are padding in every
     sample of the batch are cut off before the blocks (:func:`trim_caption_padding`: same output, less work);
     under ``torch.compile`` or CUDA-graph capture the model runs on the buffer as given (a data-dependent
-    length would break the graph): call :func:`trim_caption_padding` on the batch before a compiled model to get the same saving.
+    length would break the graph): call :func:`trim_caption_padding` on the batch before a compiled model for
+    the same saving; the samplers do it once per run (:meth:`trim_conditioning`).
     """
 
     def __init__(self, config: Optional[MMDiTConfig] = None, *, backend: Optional[str] = None):
@@ -512,6 +518,26 @@ class MMDiT(nn.Module):
                 img, txt = block(img, txt, c, mask, img_freqs, None)
         out = self.final_layer(img, c, None if pending is None else pending[0])
         return unpatchify(out, grid, self.config.patch_size, self.config.out_channels)
+
+    def trim_conditioning(self, cond: Optional[Dict], uncond: Optional[Dict] = None
+                          ) -> Tuple[Optional[Dict], Optional[Dict]]:
+        """The sampler's keyword arguments (``cond`` / ``uncond`` with ``context`` and ``context_mask``) with the
+        caption positions that are padding in both cut off (:func:`trim_caption_padding`), once before a
+        sampling loop: a compiled denoiser then runs on the shorter captions at every step. Either without a
+        ``context_mask`` (all real) or without ``context`` is returned as given, and so is the other."""
+        parts = [c for c in (cond, uncond) if c is not None]
+        if not parts or any("context" not in c or c.get("context_mask") is None for c in parts):
+            return cond, uncond
+        masks = [caption_mask(c["context_mask"], c["context"].shape[0], c["context"].shape[1],
+                              c["context"].device, "MMDiT.trim_conditioning") for c in parts]
+        if len({m.shape[1] for m in masks}) != 1:
+            return cond, uncond  # different lengths: the sampler reports that itself
+        keep = caption_keep(torch.cat(masks))
+        if keep == masks[0].shape[1]:
+            return cond, uncond
+        trimmed = iter([{**c, "context": c["context"][:, :keep], "context_mask": m[:, :keep]}
+                        for c, m in zip(parts, masks)])
+        return (None if cond is None else next(trimmed)), (None if uncond is None else next(trimmed))
 
     def flops_per_sample(self, height: Optional[int] = None, width: Optional[int] = None, *, caption_len: int,
                          training: bool = False) -> int:

@@ -305,3 +305,46 @@ def test_trimmed_captions_give_the_untrimmed_output_and_gradients(ref, pos_embed
     assert not dctx[:, 16:].any()
     for g, g_full in zip(grads, grads_full):
         torch.testing.assert_close(g, g_full, rtol=1e-10, atol=1e-12)
+
+
+def test_trim_conditioning_cuts_what_cond_and_uncond_both_pad():
+    model = small_mmdit()
+    ctx = torch.randn(3, 48, 24)
+    cond = {"context": ctx, "context_mask": torch.tensor([5, 20, 0]), "other": 7}
+    uncond = {"context": torch.zeros(1, 48, 24), "context_mask": torch.zeros(1, 48, dtype=torch.bool)}
+    c, u = model.trim_conditioning(cond, uncond)
+    assert c["context"].shape == (3, 32, 24) and u["context"].shape == (1, 32, 24) and c["other"] == 7
+    assert torch.equal(c["context"], ctx[:, :32]) and c["context_mask"].dtype == torch.bool
+    assert c["context_mask"].sum(1).tolist() == [5, 20, 0] and not u["context_mask"].any()
+    assert model.trim_conditioning(cond, None)[0]["context"].shape[1] == 32  # unguided: cond alone
+    # an unconditional caption with more real tokens keeps them
+    long_uncond = {**uncond, "context_mask": torch.tensor([40])}
+    assert model.trim_conditioning(cond, long_uncond)[0]["context"].shape[1] == 48
+    # without a mask (all real), or without captions, nothing changes
+    for pair in [({"context": ctx}, uncond), (cond, {"context": torch.zeros(1, 48, 24)}), ({"y": 1}, None)]:
+        got = model.trim_conditioning(*pair)
+        assert got[0] is pair[0] and got[1] is pair[1]
+
+
+def test_samplers_trim_the_captions_once_and_sample_the_same(ref):
+    """sample() hands the model its conditioning with the shared padding cut (every step sees 16 caption
+    positions, not the 40 of the buffer), and the samples equal those from the whole buffer (float32: the
+    attention sums over fewer masked keys, so only rounding differs)."""
+    from fastdit.diffusion import sample
+
+    model = random_mmdit(ref).eval()
+    ctx = torch.randn(2, 40, 24)
+    cond = {"context": ctx, "context_mask": torch.tensor([3, 9])}
+    uncond = {"context": torch.zeros_like(ctx[:1]), "context_mask": torch.tensor([0])}
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["context"].shape[1]),
+                                    with_kwargs=True)
+    run = dict(cfg_scale=3.0, steps=4, seed=0, progress=False)
+    trimmed = sample(model, (2, 4, 8, 8), cond, uncond, **run)
+    assert set(seen) == {16}
+    model.trim_conditioning = lambda c, u: (c, u)  # the whole buffer at every step
+    model.trim_caption_padding = False
+    seen.clear()
+    whole = sample(model, (2, 4, 8, 8), cond, uncond, **run)
+    assert set(seen) == {40}
+    torch.testing.assert_close(trimmed, whole, rtol=1e-5, atol=1e-5)  # float32: summation order only
