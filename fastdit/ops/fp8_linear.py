@@ -371,12 +371,13 @@ def _dgrad_operands(dy: Tensor, weight: Tensor, recipe: Fp8Recipe, dy_rows=None,
 
 def _wgrad_operands(dy: Tensor, x2: Tensor, recipe: Fp8Recipe, pad_to: int = 1, dy_cols=None,
                     fast: bool = False) -> Operands:
-    """dW = dY^T @ X: dY^T (N, M) per row (= per column of dY) in the grad dtype, X (M, K) per column.
+    """dW = dY^T @ X: dY^T (N, M) per row (= per column of dY) in the grad dtype, X (M, K) per column, X taken in
+    dY's dtype (the forward's output dtype: what the forward saved, as an autocast Linear saves its input).
     ``pad_to``: zero tokens appended up to a multiple of it (the reduction dimension; zeros change no amax,
     quantise to 0 and add exact zeros). ``dy_cols``: dY^T already quantised and padded."""
     dytq, sdyt = dy_cols if dy_cols is not None else _a_operand(dy.t(), recipe.grad_dtype, recipe.rowwise, pad_to,
                                                                 fast)
-    xq, sx = _b_operand(x2.t(), X_DTYPE, recipe.rowwise, pad_to, fast)
+    xq, sx = _b_operand(x2.to(dy.dtype).t(), X_DTYPE, recipe.rowwise, pad_to, fast)
     return dytq, sdyt, xq, sx
 
 
@@ -467,10 +468,11 @@ def _pair(data: Optional[Tensor], scale: Optional[Tensor]) -> Optional[Tuple[Ten
 
 def _save_for_backward(ctx, x2: Tensor, weight: Tensor, bias: Optional[Tensor], recipe: Fp8Recipe,
                        out_dtype: torch.dtype) -> None:
-    """What the fast and the reference Function's backward need. x in high precision, not its fp8 copy: the wgrad
-    quantises X per column (and the "high" recipe multiplies it as is)."""
-    ctx.save_for_backward(x2, weight)
-    ctx.recipe, ctx.out_dtype = recipe, out_dtype
+    """What the fast and the reference Function's backward need. x in the output dtype, not its fp8 copy (the
+    wgrad quantises X per column; the "high" recipe multiplies it as is) and not in x's own dtype: under bf16
+    autocast an fp32 x is saved in bf16, as autocast's Linear saves its bf16 copy (half the memory)."""
+    ctx.save_for_backward(x2.to(out_dtype), weight)
+    ctx.recipe, ctx.out_dtype, ctx.x_dtype = recipe, out_dtype, x2.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
@@ -496,10 +498,10 @@ class _Fp8LinearFunction(torch.autograd.Function):
             fp8_wgrad = need_w and recipe.weight_grad != "high"
             dy_rows, dy_cols = _backward_dy_operands(dy, recipe, need_x, fp8_wgrad, CUDA_ALIGN)
             if need_x:
-                dx = _scaled_gemm(_dgrad_operands(dy, weight, recipe, dy_rows, fast=True), x2.dtype)
+                dx = _scaled_gemm(_dgrad_operands(dy, weight, recipe, dy_rows, fast=True), ctx.x_dtype)
             if need_w:
                 if recipe.weight_grad == "high":
-                    dw = torch.mm(dy.t(), x2.to(dy.dtype)).to(weight.dtype)
+                    dw = torch.mm(dy.t(), x2).to(weight.dtype)  # x2 is saved in dy's dtype
                 else:
                     dw = _scaled_gemm(_wgrad_operands(dy, x2, recipe, CUDA_ALIGN, dy_cols, fast=True), weight.dtype)
             if need_b and ctx.bias_dtype is not None:
@@ -577,7 +579,7 @@ class _Fp8LinearRefFunction(torch.autograd.Function):
         with torch.autocast(dy.device.type, enabled=False):
             dx, dw, db = _backward_math(dy.to(ctx.out_dtype), x2, weight, ctx.bias_dtype is not None, ctx.recipe,
                                         torch.float64)
-        return (dx.to(x2.dtype), dw.to(weight.dtype), None if db is None else db.to(ctx.bias_dtype),
+        return (dx.to(ctx.x_dtype), dw.to(weight.dtype), None if db is None else db.to(ctx.bias_dtype),
                 None, None, None, None)
 
 

@@ -314,6 +314,21 @@ def test_autocast_bf16_on_cpu(recipe):
     assert y.dtype == torch.bfloat16 and [g.dtype for g in grads] == [torch.float32] * 3
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_autocast_saves_x_in_the_output_dtype(backend):
+    """Under bf16 autocast an fp32 x is kept for the backward in bf16, as autocast's own Linear keeps its bf16
+    copy: FP8 mode must not hold twice the activation memory of the bf16 model it replaces."""
+    x, w, b = make((5, 7), 48, 32, torch.float32, torch.float32, True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((tuple(t.shape), t.dtype)) or t,
+                                                  lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fp8_linear(x, w, b, backend=backend)
+    assert ((35, 48), torch.bfloat16) in saved and ((35, 48), torch.float32) not in saved, saved
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+
+
 def test_non_contiguous_inputs_and_deterministic_backward():
     xb, wb = torch.randn(48, 21), torch.randn(48, 32)  # x = xb.t() (21, 48), weight = wb.t() (32, 48)
     x, w = xb.t().requires_grad_(), wb.t().requires_grad_()
