@@ -63,6 +63,10 @@ def parser(prog: str = "fastdit scaling") -> argparse.ArgumentParser:
                    help="training precision of every point (default: the data's: digits bf16 on CUDA, fp32 on the "
                         "CPU; --config: its run.precision). fp8: the blocks' Linear layers as FP8 GEMMs -- run "
                         "the same grid in two folders to compare the loss of fp8 and bf16 point by point")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                   help="save each point's trainer checkpoint every STEPS steps, so a point cut short resumes "
+                        "from its latest one (each holds the model, EMA and optimizer state; default: digits "
+                        "only the final one, --config its checkpoint.every)")
     return p
 
 
@@ -81,7 +85,8 @@ def _config(args: argparse.Namespace, p: argparse.ArgumentParser):
                              threads=args.threads, base_config=base, held_out=args.held_out, ae_steps=args.ae_steps,
                              fd_samples=args.fd_samples, sample_steps=args.sample_steps, cfg_scale=args.cfg_scale,
                              fd=not args.no_fd, eval_repeats=args.eval_repeats, confidence=args.confidence,
-                             progress=not args.no_progress, precision=args.precision).check()
+                             progress=not args.no_progress, precision=args.precision,
+                             checkpoint_every=args.checkpoint_every).check()
     except (GridError, ConfigError) as err:
         p.error(str(err))
 

@@ -149,11 +149,12 @@ class ScalingConfig:
     confidence: float = 0.95
     progress: bool = True
     precision: Optional[str] = None      # None: the data's default (digits: bf16 on CUDA, fp32 on the CPU)
+    checkpoint_every: Optional[int] = None  # None: the base config's (digits: 0, the final checkpoint only)
 
     def check(self) -> "ScalingConfig":
         if not self.sizes or not self.budgets:
             raise GridError("the grid needs at least one model size and one budget")
-        for name in ("batch_size", "threads", "fd_samples"):
+        for name in ("batch_size", "threads", "fd_samples", "checkpoint_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise GridError(f"{name} must be >= 1, got {value}")

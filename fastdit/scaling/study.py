@@ -12,7 +12,10 @@ Sizes: ``HxD`` (hidden size × depth; heads = H / 32, at least 1), ``HxDxN`` (N 
 Every point is its own run (its own warm-up and cosine schedule to its budget: the Chinchilla protocol)
 in ``out_dir/points/<size>_s<steps>/`` and its result is ``result.json`` there, written atomically when the
 point is done; a later invocation skips points whose result exists (and refuses one whose recorded settings
-differ from the current ones), and a point interrupted mid-way resumes from its trainer checkpoint.
+differ from the current ones), and a point interrupted mid-way resumes from its latest trainer checkpoint: the
+final one (interrupted before its evaluation), or with ``checkpoint_every`` (``--checkpoint-every``; a
+configured study: its ``checkpoint.every``) one saved on the way; the digits data save only the final one by
+default, so a point cut short in training starts again.
 
 Data: by default the digits demo's latents (:mod:`fastdit.demos.digits`): its autoencoder is trained once
 and cached with the training and held-out latents in ``out_dir/data``; or any ``fastdit train`` config
@@ -96,6 +99,8 @@ class Study:
                 base, evald, info = prepare_configured(cfg, device)
         if cfg.precision is not None:
             base.run.precision = cfg.precision
+        if cfg.checkpoint_every is not None:
+            base.checkpoint.every = cfg.checkpoint_every
         points = []
         for size in cfg.sizes:
             for steps in cfg.budgets:

@@ -262,3 +262,43 @@ def test_fp8_points_train_in_fp8_and_never_stand_in_for_the_folders_other_points
     fp32 = {p["key"]: p["held_out_loss"] for p in _report(first_run[0])["points"]}
     for p in report["points"]:
         assert 0.5 < p["held_out_loss"] / fp32[p["key"]] < 2.0, (p["key"], p["held_out_loss"], fp32[p["key"]])
+
+
+def test_a_point_cut_short_in_training_resumes_from_a_checkpoint_on_the_way(first_run, tmp_path, monkeypatch):
+    """--checkpoint-every 4: the 8-step point saves at step 4. Killed right after that save (the process dies:
+    nothing after it runs), the next invocation resumes it at step 4 and ends with the weights of the
+    uninterrupted run (exact resume: the same held-out loss as the first run's)."""
+    from fastdit.training import Trainer
+
+    class Killed(BaseException):
+        pass
+
+    save = Trainer.save_checkpoint
+
+    def save_then_die(self, step):
+        path = save(self, step)
+        if step == 4 and self.config.run.output_dir.endswith("h64-d1_s8"):
+            raise Killed
+        return path
+
+    out = tmp_path / "grid"
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        main(_args(out, "--checkpoint-every", "4", sizes="64x1"))
+    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    run = out / "points" / "h64-d1_s8"
+    assert not (run / "result.json").exists()
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")] == ["step_000000004"]
+    assert main(_args(out, "--checkpoint-every", "4", sizes="64x1")) == 0
+    report = _report(out)
+    assert report["trained_now"] == ["h64-d1_s8"]
+    point = next(p for p in report["points"] if p["key"] == "h64-d1_s8")
+    assert point["status"] == "ok" and "step_000000004" in str(point["resumed_from"])
+    before = next(p for p in _report(first_run[0])["points"] if p["key"] == "h64-d1_s8")
+    assert point["held_out_loss"] == pytest.approx(before["held_out_loss"], rel=1e-6)
+
+
+def test_checkpoint_every_must_be_positive(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(_args(tmp_path / "o", "--checkpoint-every", "0", "--dry-run"))
+    assert "checkpoint_every must be >= 1" in capsys.readouterr().err
