@@ -296,8 +296,8 @@ def trim_caption_padding(context: Tensor, mask: Optional[Tensor], multiple: int 
 def caption_keep(mask: Tensor, multiple: int = CAPTION_TRIM_MULTIPLE) -> int:
     """How many leading caption positions :func:`trim_caption_padding` keeps for the bool ``mask`` (B, L): one
     past the last position real in any sample, rounded up to ``multiple``, within [1, L]."""
-    real = mask.any(0)
-    last = int(torch.nonzero(real).max()) + 1 if bool(real.any()) else 0
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    last = int((mask.any(0) * positions).max())  # 0 when nothing is real; one device sync
     return min(mask.shape[1], max(1, -(-last // multiple) * multiple))
 
 
